@@ -1,0 +1,1 @@
+"""Sweep InfoGAN settings with Optuna and track every trial in MLflow."""
