@@ -57,7 +57,7 @@ def validation_problem(err: ValidationError, source: str, prefix: str = "") -> C
     """Turn pydantic's first error into a one-line ConfigError naming the dotted key."""
     first = err.errors()[0]
     key = ".".join(str(part) for part in first["loc"] if not str(part).startswith("function-"))
-    message = first["msg"]
+    message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key"
     elif first["type"] == "missing":
@@ -150,8 +150,10 @@ def train_keys() -> set[str]:
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None:
     """Set `a.b.c` in a nested dict, refusing keys the trainer does not have."""
-    if key not in train_keys():
-        raise ConfigError(source, key, "unknown key")
+    keys = train_keys()
+    if key not in keys:
+        section = any(k.startswith(key + ".") for k in keys)
+        raise ConfigError(source, key, "is a section: set one of its keys" if section else "unknown key")
     *parents, leaf = key.split(".")
     node = tree
     for part in parents:

@@ -1,0 +1,76 @@
+"""`harness train` into a real MLflow SQLite store, read back with the MLflow client."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from harness import tracking
+from harness.cli import main
+from tests.conftest import TINY
+
+
+def only_run(client: MlflowClient, experiment: str) -> mlflow.entities.Run:
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None and exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_train_command_logs_params_tags_metrics_and_artifacts(tracking_uri: str, tmp_path: Path) -> None:
+    args = ["train", "--tracking-uri", tracking_uri, "--experiment", "t", "--run-name", "tiny", "--quiet"]
+    for override in TINY:
+        args += ["--set", override]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+
+    client = MlflowClient(tracking_uri)
+    run = only_run(client, "t")
+    assert run.info.status == "FINISHED" and run.info.run_name == "tiny"
+    assert run.data.params["optim.lr_d"] == "0.0002" and run.data.params["steps"] == "12"
+    assert run.data.params["codes.categorical"] == "[10]"
+    assert run.data.tags["data.source"] == "bundled-10k" and run.data.tags["device"] == "cpu"
+    assert run.data.tags["torch.version"] == torch.__version__
+
+    history = client.get_metric_history(run.info.run_id, "loss/d")
+    assert [m.step for m in history] == [3, 6, 9, 12]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/cat_acc")] == [6, 12]
+    assert 0 <= run.data.metrics["eval/cat_acc"] <= 1
+
+    steps = {a.path for a in client.list_artifacts(run.info.run_id, "traversals")}
+    assert steps == {"traversals/step-000006", "traversals/step-000012"}
+    grids = {a.path for a in client.list_artifacts(run.info.run_id, "traversals/step-000012")}
+    assert grids == {f"traversals/step-000012/{n}.png" for n in ("cat0", "con0", "con1")}
+
+    local = Path(client.download_artifacts(run.info.run_id, "model/weights.pt", str(tmp_path)))
+    weights = torch.load(local, weights_only=True)
+    assert weights["latent"] == {"noise": 62, "categorical": [10], "continuous": 2}
+    assert weights["q_head"]["layers.3.weight"].shape == (10 + 2 * 2, 128)
+    config = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+    assert "lr_d: 0.0002" in Path(config).read_text()
+
+
+@pytest.mark.parametrize(("error", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_a_run_that_raises_ends_failed_or_killed(tracking_uri: str, error: BaseException, status: str) -> None:
+    client = MlflowClient(tracking_uri)
+    with pytest.raises(type(error)):
+        with tracking.tracked_run(client, "t", "broken"):
+            raise error
+    run = only_run(client, "t")
+    assert run.info.status == status
+    assert run.data.tags["error"] == ("RuntimeError: boom" if status == "FAILED" else "interrupted")
+
+
+def test_tracking_uri_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_tracking_uri() == f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert tracking.resolve_tracking_uri() == f"sqlite:///{tmp_path / 'env.db'}"
+    assert tracking.resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
