@@ -111,6 +111,7 @@ class OptimConfig(Frozen):
     beta1: float = Field(0.5, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
     batch_size: int = Field(128, ge=2)  # BatchNorm needs two or more
+    q_optimizer: Literal["d", "g"] = "d"  # Q's head steps with D's optimiser (official code) or G's
 
 
 class TrainConfig(Frozen):

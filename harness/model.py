@@ -86,10 +86,6 @@ class InfoGAN(nn.Module):
         features = self.trunk(images)  # (B, 1024)
         return self.d_head(features).squeeze(1), self.q_head(features)  # (B,), (B, q_dim)
 
-    def discriminator_parameters(self) -> list[nn.Parameter]:
-        """Trunk, D head and Q head: trained together by D's optimiser, as in the official code."""
-        return [*self.trunk.parameters(), *self.d_head.parameters(), *self.q_head.parameters()]
-
 
 def init_weights(module: nn.Module) -> None:
     """N(0, 0.02) weights (BatchNorm scales N(1, 0.02)), zero biases."""

@@ -97,9 +97,15 @@ class InfoGANTrainer:
         self.spec = LatentSpec.from_config(cfg.codes)
         self.model = InfoGAN(self.spec.dim, self.spec.q_dim).to(device)
         betas = (cfg.optim.beta1, cfg.optim.beta2)
-        # Q is trained with D's optimiser, as in the official code.
-        self.opt_d = torch.optim.Adam(self.model.discriminator_parameters(), lr=cfg.optim.lr_d, betas=betas)
-        self.opt_g = torch.optim.Adam(self.model.generator.parameters(), lr=cfg.optim.lr_g, betas=betas)
+        model = self.model
+        # Q's head steps with D's optimiser (the official code) or with G's (many ports);
+        # either way the info loss reaches the shared trunk in the D step.
+        q_with_d = cfg.optim.q_optimizer == "d"
+        d_parts = [model.trunk, model.d_head, *([model.q_head] if q_with_d else [])]
+        g_parts = [model.generator, *([] if q_with_d else [model.q_head])]
+        self.frozen_in_g_step = d_parts  # their weights stay, G's gradient still flows through them
+        self.opt_d = torch.optim.Adam([p for m in d_parts for p in m.parameters()], lr=cfg.optim.lr_d, betas=betas)
+        self.opt_g = torch.optim.Adam([p for m in g_parts for p in m.parameters()], lr=cfg.optim.lr_g, betas=betas)
         self.latent_rng = torch.Generator(device).manual_seed(cfg.seed)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
         self.cat_entropy = sum(metrics.categorical_entropy(k) for k in self.spec.categorical)
@@ -144,10 +150,9 @@ class InfoGANTrainer:
         (loss_d + self.info_loss(ce, nll)).backward()
         self.opt_d.step()
 
-        # G: fool D and make the codes recoverable; D/Q weights are frozen, not their grads.
-        self.model.trunk.requires_grad_(False)
-        self.model.d_head.requires_grad_(False)
-        self.model.q_head.requires_grad_(False)
+        # G (and Q if it steps with G): fool D and make the codes recoverable.
+        for module in self.frozen_in_g_step:
+            module.requires_grad_(False)
         with self.autocast:
             d_fake, q_fake = self.model.discriminate(fake)
         loss_g = F.binary_cross_entropy_with_logits(d_fake.float(), ones)
@@ -156,9 +161,8 @@ class InfoGANTrainer:
         self.opt_g.zero_grad(set_to_none=True)
         (loss_g + loss_info).backward()
         self.opt_g.step()
-        self.model.trunk.requires_grad_(True)
-        self.model.d_head.requires_grad_(True)
-        self.model.q_head.requires_grad_(True)
+        for module in self.frozen_in_g_step:
+            module.requires_grad_(True)
         return torch.cat([torch.stack([loss_d, loss_g, loss_info, nll]), ce]).detach()
 
     def window_metrics(self, stats_sum: torch.Tensor, count: int) -> dict[str, float]:
@@ -263,9 +267,21 @@ def train(cfg: TrainConfig, listeners: Sequence[TrainListener] = ()) -> TrainRes
     batch_rng = torch.Generator(device).manual_seed(cfg.seed + 2)
     batch_size = min(cfg.optim.batch_size, len(data.train_images))
     order = torch.empty(0, dtype=torch.long, device=device)
-    window, window_steps, window_start = None, 0, time.perf_counter()
     last: dict[str, float] = {}
 
+    def evaluate_and_publish(step: int) -> float:
+        """Evaluate, hand the result to the listeners; returns the seconds it took."""
+        began = time.perf_counter()
+        evaluation = evaluate(trainer.model, step)
+        last.update(evaluation.metrics)
+        for listener in listeners:
+            listener.on_eval(evaluation)
+        return time.perf_counter() - began
+
+    # A step-0 evaluation: the chance-level baseline; it also makes eval/* each run's first
+    # metrics, which the MLflow compare view picks by default.
+    evaluate_and_publish(0)
+    window, window_steps, window_start, window_paused = None, 0, time.perf_counter(), 0.0
     for step in range(1, cfg.steps + 1):
         if len(order) < batch_size:  # a new epoch, the last partial batch dropped
             order = torch.randperm(len(data.train_images), generator=batch_rng, device=device)
@@ -276,16 +292,13 @@ def train(cfg: TrainConfig, listeners: Sequence[TrainListener] = ()) -> TrainRes
 
         if step % cfg.log_every == 0 or step == cfg.steps:
             values = trainer.window_metrics(window, window_steps)
-            values["perf/images_per_s"] = window_steps * batch_size / (time.perf_counter() - window_start)
+            seconds = time.perf_counter() - window_start - window_paused  # evaluations excluded
+            values["perf/images_per_s"] = window_steps * batch_size / seconds
             last.update(values)
             for listener in listeners:
                 listener.on_log(step, values)
-            window, window_steps, window_start = None, 0, time.perf_counter()
+            window, window_steps, window_start, window_paused = None, 0, time.perf_counter(), 0.0
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            evaluation = evaluate(trainer.model, step)
-            last.update(evaluation.metrics)
-            for listener in listeners:
-                listener.on_eval(evaluation)
-            window_start = time.perf_counter()  # evaluation time is not training throughput
+            window_paused += evaluate_and_publish(step)
 
     return TrainResult(cfg.steps, last, trainer.weights(), info, time.perf_counter() - started)

@@ -40,11 +40,11 @@ def test_train_command_logs_params_tags_metrics_and_artifacts(tracking_uri: str,
 
     history = client.get_metric_history(run.info.run_id, "loss/d")
     assert [m.step for m in history] == [3, 6, 9, 12]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/cat_acc")] == [6, 12]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/cat_acc")] == [0, 6, 12]
     assert 0 <= run.data.metrics["eval/cat_acc"] <= 1
 
     steps = {a.path for a in client.list_artifacts(run.info.run_id, "traversals")}
-    assert steps == {"traversals/step-000006", "traversals/step-000012"}
+    assert steps == {f"traversals/step-{s:06d}" for s in (0, 6, 12)}
     grids = {a.path for a in client.list_artifacts(run.info.run_id, "traversals/step-000012")}
     assert grids == {f"traversals/step-000012/{n}.png" for n in ("cat0", "con0", "con1")}
 

@@ -33,7 +33,7 @@ def test_short_run_logs_losses_bound_and_evaluations(tiny_cfg: TrainConfig) -> N
     recorder = Recorder()
     result = train(tiny_cfg, [recorder])
     assert [step for step, _ in recorder.logs] == [3, 6, 9, 12]
-    assert [e.step for e in recorder.evals] == [6, 12]
+    assert [e.step for e in recorder.evals] == [0, 6, 12]
     first = recorder.logs[0][1]
     assert {"loss/d", "loss/g", "loss/info", "info/mi_cat", "info/h_cat", "info/mi_con"} <= set(first)
     assert first["info/h_cat"] == pytest.approx(math.log(10))
