@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -61,6 +62,7 @@ class HarnessGroup(click.Group):
 def main() -> None:
     """Find, by sweeping, the InfoGAN settings that best disentangle MNIST."""
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
 
 
 @main.command("train")
@@ -89,3 +91,129 @@ def train_command(
     summary = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith("eval/")}
     click.echo(f"run {run.run_id} finished in {result.seconds:.0f}s on {result.info.device}: {json.dumps(summary)}")
     click.echo(f"MLflow store: {client.tracking_uri}")
+@main.command("bench")
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=2))
+@click.option("--steps", default=30, show_default=True, type=click.IntRange(min=1), help="Timed steps after warm-up.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+def bench_command(batch_size: int, steps: int, device: str) -> None:
+    """Print one JSON line: images/s of the full D+Q+G step, GFLOP per image, GFLOP/s."""
+    from harness.bench import benchmark
+
+    load_train_config(None, (f"device={device}",))  # the same validation as train
+    click.echo(json.dumps(benchmark(batch_size, steps, device)))
+
+
+@main.command("report")
+@click.argument("study_file", type=click.Path(path_type=Path))
+@click.option("--study", "study_name", default=None, help="Study name (beats the file's `name`).")
+@click.option("--storage", default=None, help="Optuna storage URL (beats the file's).")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (beats the file's and MLFLOW_TRACKING_URI).")
+@click.option("-o", "--output", default=None, metavar="FILE", help="Table file, - for stdout. [default: <study>.csv]")
+@click.option(
+    "--format", "fmt", type=click.Choice(["csv", "markdown", "json"]), default=None,
+    help="Table format. [default: from FILE's suffix (.md, .json), else csv]",
+)
+@click.option(
+    "--plots", type=click.Path(path_type=Path, file_okay=False), default=None, metavar="DIR",
+    help="Also write Optuna's plots here (HTML and PNG) and log them to the study's parent run.",
+)
+def report_command(
+    study_file: Path,
+    study_name: str | None,
+    storage: str | None,
+    tracking_uri: str | None,
+    output: str | None,
+    fmt: str | None,
+    plots: Path | None,
+) -> None:
+    """One row per trial, joined from Optuna and MLflow, best first; a summary on the terminal."""
+    from rich.console import Console
+
+    from harness import report
+
+    loaded = report.load_report(study_file, study_name, storage, tracking_uri)
+    table_format = report.format_for(output, fmt)
+    console = Console(stderr=output == "-", soft_wrap=True)  # stdout carries the table
+    report.summary(loaded.table, loaded.study, loaded.objectives, console)
+    text = report.render(loaded.table, table_format)
+    if output == "-":
+        click.echo(text, nl=False)
+    else:
+        path = Path(output or loaded.name + report.SUFFIXES[table_format])
+        path.write_text(text, encoding="utf-8")
+        console.print(f"wrote {len(loaded.table)} trials to {path}")
+    if plots is not None:
+        paths = report.write_plots(loaded.study, plots, loaded.objectives)
+        parent = report.log_plots(loaded.client, loaded.runs, paths)
+        logged = f"logged to run {parent}" if parent else "no parent run in MLflow to log them to"
+        console.print(f"wrote {len(paths)} plots to {plots}/; {logged}")
+
+
+@main.command("ui")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (beats MLFLOW_TRACKING_URI).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: all).")
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
+def ui_command(tracking_uri: str | None, host: str, port: int) -> None:
+    """Serve the MLflow UI over the project's store until Ctrl-C."""
+    from harness import tracking
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server with us
+    try:
+        with tracking.serve_ui(uri, host, port) as server:
+            click.echo(f"MLflow UI over {uri} at {server.url} (Ctrl-C stops it)")
+            for links in tracking.experiment_links(tracking.client_for(uri), server.url):
+                click.echo(f"  {links.name}: runs {links.runs}")
+                if links.compare:
+                    click.echo(f"  {links.name}: compare trials {links.compare}")
+            code = server.process.wait()
+    except KeyboardInterrupt:
+        return  # Ctrl-C, at any moment: the server stopped as the block ended
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code:
+        click.echo(f"error: mlflow server exited with code {code}", err=True)
+        sys.exit(1)
+
+
+@main.command("sweep")
+@click.argument("study_file", type=click.Path(path_type=Path))
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="Finished trials to reach (beats the file).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes.")
+@click.option("--storage", default=None, help="Optuna storage URL (beats the file).")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (beats the file and MLFLOW_TRACKING_URI).")
+@click.option("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (beats the file's train.device).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a dotted study-file key.")
+def sweep_command(
+    study_file: Path,
+    trials: int | None,
+    workers: int,
+    storage: str | None,
+    tracking_uri: str | None,
+    device: str | None,
+    overrides: tuple[str, ...],
+) -> None:
+    """Run or resume an Optuna study: one MLflow parent run, a child run per trial."""
+    from rich.console import Console
+
+    from harness.study import run_sweep
+    from harness.study_config import load_study_spec
+
+    spec = load_study_spec(study_file, trials, storage, tracking_uri, device, overrides)
+    sys.exit(run_sweep(spec, study_file, workers, Console()))
+
+
+@main.command("sweep-worker", hidden=True)
+@click.argument("spec_file", type=click.Path(path_type=Path))
+@click.option("--worker", type=int, required=True)
+@click.option("--status-dir", type=click.Path(path_type=Path), required=True)
+@click.option("--parent-pid", type=int, required=True)
+def sweep_worker_command(spec_file: Path, worker: int, status_dir: Path, parent_pid: int) -> None:
+    """One worker process of `harness sweep --workers N`, started by it with its validated spec."""
+    from harness.study import run_worker
+
+    sys.exit(run_worker(spec_file, worker, status_dir, parent_pid))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import yaml
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from harness.config import TrainConfig, flatten
+from harness.config import ConfigError, TrainConfig, flatten
 from harness.train import Evaluation, RunInfo, TrainListener
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
@@ -170,3 +178,244 @@ def tracked_run(
 def runs_url(uri: str, experiment_id: str) -> str:
     """Where the runs table of an experiment lives in the MLflow UI (not the GenAI overview)."""
     return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs"
+
+
+# --- reading runs, serving the UI ---
+
+UI_START_TIMEOUT_S = 120.0  # a cold `mlflow server` on a busy 2-core machine takes ~20 s
+COMPARE_LIMIT = 100  # runs on one compare page: it slows down beyond a few hundred
+LOCAL_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy for our own server
+
+
+def store_exists(uri: str) -> bool:
+    """False only for a SQLite store whose file is missing (reading it would create it)."""
+    return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
+
+
+def trial_runs(client: MlflowClient, experiment: str, study: str) -> list[dict[str, Any]]:
+    """The study's trial runs (tag `optuna.study`), newest first: run and parent ids, the
+    `error` tag and each metric's last value as `metric.<name>`."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    rows: list[dict[str, Any]] = []
+    token: str | None = None
+    while True:
+        page = client.search_runs(
+            [found.experiment_id], max_results=1000, order_by=["attributes.start_time DESC"], page_token=token
+        )
+        for run in page:
+            tags = run.data.tags
+            if tags.get(STUDY_TAG) != study:
+                continue
+            row = {"mlflow_run_id": run.info.run_id, "parent_run_id": tags.get(MLFLOW_PARENT_RUN_ID)}
+            row["error"] = tags.get("error")
+            row.update({f"metric.{name}": value for name, value in sorted(run.data.metrics.items())})
+            rows.append(row)
+        token = page.token
+        if not token:
+            return rows
+
+
+def log_files(client: MlflowClient, run_id: str, paths: list[Path], artifact_path: str) -> None:
+    """Upload files to the run under `artifact_path`."""
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+
+def compare_url(base_url: str, experiment_id: str, run_ids: list[str]) -> str:
+    """The UI's compare page (parallel coordinates, scatter, contour) for these runs."""
+    query = f"runs={json.dumps(run_ids)}&experiments={json.dumps([experiment_id])}"
+    return f"{base_url.rstrip('/')}/#/compare-runs?{urllib.parse.quote(query, safe='=&')}"
+
+
+@dataclass(frozen=True)
+class ExperimentLinks:
+    name: str
+    runs: str  # the runs table (trials nest under their study's parent run)
+    compare: str | None  # the compare page of the newest finished trial runs, if there are two or more
+
+
+def experiment_links(client: MlflowClient, base_url: str) -> list[ExperimentLinks]:
+    """Where each experiment's runs and, for a study, its trials' comparison are in the UI;
+    an empty Default experiment is left out."""
+    links = []
+    for experiment in sorted(client.search_experiments(), key=lambda e: e.name):
+        if experiment.name == "Default" and not client.search_runs([experiment.experiment_id], max_results=1):
+            continue
+        runs = client.search_runs(
+            [experiment.experiment_id], "attributes.status = 'FINISHED'", max_results=COMPARE_LIMIT,
+            order_by=["attributes.start_time DESC"],
+        )
+        trials = [run.info.run_id for run in runs if STUDY_TAG in run.data.tags]
+        compare = compare_url(base_url, experiment.experiment_id, trials) if len(trials) > 1 else None
+        links.append(ExperimentLinks(experiment.name, runs_url(base_url, experiment.experiment_id), compare))
+    return links
+
+
+def browse_url(host: str, port: int) -> str:
+    """Where a browser on this machine reaches a server bound to host:port."""
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ConfigError when host:port cannot be bound (in use, or not an address of this machine)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise ConfigError("--port", str(port), f"cannot listen on {host}: {err.strerror}") from None
+
+
+def ui_server_command(uri: str, host: str, port: int) -> list[str]:
+    """This environment's `mlflow server` over the store; for SQLite, new artifacts go beside the db."""
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
+    command += ["--host", host, "--port", str(port), "--workers", "1", "--uvicorn-opts", "--no-access-log"]
+    if uri.startswith("sqlite:///"):
+        root = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+        command += ["--default-artifact-root", root, "--no-serve-artifacts"]  # runs keep their file:// artifacts
+    return command
+
+
+@dataclass(frozen=True)
+class UiServer:
+    url: str
+    process: subprocess.Popen[bytes]
+
+
+def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Poll `<url>/health` until it answers; ConfigError if the server exits or never answers."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            code = process.returncode
+            raise ConfigError("mlflow server", "", f"exited with code {code} before answering (its output is above)")
+        try:
+            with LOCAL_OPENER.open(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise ConfigError("mlflow server", "", f"did not answer on {url} within {timeout_s:.0f}s")
+
+
+@contextmanager
+def serve_ui(uri: str, host: str, port: int, timeout_s: float = UI_START_TIMEOUT_S) -> Iterator[UiServer]:
+    """The MLflow UI over `uri` on host:port, answering, until the block ends; then stopped."""
+    if uri.startswith(("http://", "https://")):
+        raise ConfigError("--tracking-uri", uri, "is already a server: open it in a browser")
+    check_port_free(host, port)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no GenAI job runners
+    process = subprocess.Popen(ui_server_command(uri, host, port), env=env)
+    try:
+        url = browse_url(host, port)
+        wait_until_up(url, process, timeout_s)
+        yield UiServer(url, process)
+    finally:
+        process.terminate()  # `mlflow server` forwards it to uvicorn
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            for child in psutil.Process(process.pid).children(recursive=True):  # uvicorn
+                child.kill()
+            process.kill()
+            process.wait()
+
+
+# --- sweeps: parent and child runs ---
+
+STUDY_TAG = "optuna.study"  # on trial runs only, so readers of a study's trials never see the parent
+TRIAL_TAG = "optuna.trial"
+STATE_TAG = "harness.state"
+# The MLflow status of a trial's run, by how the trial ended.
+TRIAL_RUN_STATUS = {
+    "COMPLETE": RunStatus.to_string(RunStatus.FINISHED),
+    "PRUNED": RunStatus.to_string(RunStatus.KILLED),
+    "FAIL": RunStatus.to_string(RunStatus.FAILED),
+    "INTERRUPTED": RunStatus.to_string(RunStatus.FAILED),  # Ctrl-C; the trial is retried on the next start
+    "LOST": RunStatus.to_string(RunStatus.KILLED),  # its worker died; the trial is retried
+}
+
+
+def open_study_run(
+    client: MlflowClient, study: str, run_id: str | None, params: Mapping[str, Any], tags: Mapping[str, str]
+) -> str:
+    """The study's parent run, RUNNING: `run_id` reopened when this store holds it, else a new run
+    named after the study with `params` (logged once: MLflow params never change)."""
+    experiment_id = ensure_experiment(client, study)
+    running = RunStatus.to_string(RunStatus.RUNNING)
+    if run_id is not None:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            run = None  # another tracking store than the study's first run used
+        if run is not None and run.info.experiment_id == experiment_id and run.info.lifecycle_stage == "active":
+            if run.info.status != running:
+                client.update_run(run_id, status=running)
+            client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+            return run_id
+    run_id = start_run(client, experiment_id, study, {"harness.role": "study", **tags})
+    log_params(client, run_id, params)
+    return run_id
+
+
+def finish_study_run(
+    client: MlflowClient,
+    run_id: str,
+    status: str,
+    step: int,
+    metrics: Mapping[str, float],
+    tags: Mapping[str, str],
+    texts: Mapping[str, str],
+    figures: Mapping[str, Any],
+) -> None:
+    """Log the study's summary (metrics at `step`, tags, text files, matplotlib figures) and close its run."""
+    if metrics:
+        log_metrics(client, run_id, step, metrics)
+    for artifact_file, text in texts.items():
+        client.log_text(run_id, text, artifact_file)
+    for artifact_file, figure in figures.items():
+        client.log_figure(run_id, figure, artifact_file)
+    end_run(client, run_id, status, tags)
+
+
+def start_trial_run(
+    client: MlflowClient, study: str, parent_run_id: str, number: int, tags: Mapping[str, str]
+) -> str:
+    """A trial's child run `trial-0007` with param `trial`; the config's params come with RunLogger."""
+    experiment_id = ensure_experiment(client, study)
+    run_tags = {STUDY_TAG: study, TRIAL_TAG: str(number), **tags}
+    run_id = start_run(client, experiment_id, f"trial-{number:04d}", run_tags, parent_run_id)
+    log_params(client, run_id, {"trial": number})
+    return run_id
+
+
+def finish_trial_run(client: MlflowClient, run_id: str, state: str, error: str | None = None) -> None:
+    """Close a trial's run by the trial's end (a TRIAL_RUN_STATUS key), kept as tag `harness.state`."""
+    tags = {STATE_TAG: state, **({"error": error} if error else {})}
+    end_run(client, run_id, TRIAL_RUN_STATUS[state], tags)
+
+
+def running_trial_runs(client: MlflowClient, study: str) -> dict[int, str]:
+    """Trial number -> id of each of the study's trial runs still RUNNING."""
+    experiment = client.get_experiment_by_name(study)
+    if experiment is None:
+        return {}
+    runs: dict[int, str] = {}
+    token: str | None = None
+    while True:
+        page = client.search_runs(
+            [experiment.experiment_id], "attributes.status = 'RUNNING'", max_results=1000, page_token=token
+        )
+        for run in page:
+            tags = run.data.tags
+            if tags.get(STUDY_TAG) == study and TRIAL_TAG in tags:
+                runs[int(tags[TRIAL_TAG])] = run.info.run_id
+        token = page.token
+        if not token:
+            return runs

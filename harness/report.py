@@ -1,0 +1,254 @@
+"""`harness report`: one row per trial, joined from Optuna and MLflow, a terminal summary and
+Optuna's plots (HTML and PNG)."""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import matplotlib
+import optuna
+import pandas as pd
+from matplotlib import pyplot as plt
+from mlflow.tracking import MlflowClient
+from optuna import visualization as plotly_plots
+from optuna.exceptions import ExperimentalWarning
+from optuna.trial import FrozenTrial
+from optuna.visualization import matplotlib as mpl_plots
+from rich.console import Console
+from rich.table import Table
+
+from harness import tracking
+from harness.config import ConfigError
+from harness.study import load_existing_study, reported_trials, trial_error
+from harness.study_config import load_study_spec
+
+Format = Literal["csv", "markdown", "json"]
+FORMATS: dict[str, Format] = {"csv": "csv", "markdown": "markdown", "json": "json"}
+SUFFIXES: dict[Format, str] = {"csv": ".csv", "markdown": ".md", "json": ".json"}
+FORMAT_OF_SUFFIX: dict[str, Format] = {".md": "markdown", ".markdown": "markdown", ".json": "json"}
+STATE_RANK = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "WAITING": 3, "FAIL": 4}
+BEST_SHOWN = 5  # rows of the terminal's best-trials table
+PLOTS_ARTIFACT_PATH = "plots"  # in the study's parent run, where `harness sweep` logs its PNGs by the same names
+# file stem -> (plotly figure, matplotlib axes); each takes the study, target and target_name.
+PLOTS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+    "optimization_history": (plotly_plots.plot_optimization_history, mpl_plots.plot_optimization_history),
+    "param_importances": (plotly_plots.plot_param_importances, mpl_plots.plot_param_importances),
+    "parallel_coordinate": (plotly_plots.plot_parallel_coordinate, mpl_plots.plot_parallel_coordinate),
+    "slice": (plotly_plots.plot_slice, mpl_plots.plot_slice),
+}
+
+
+def value_columns(study: optuna.Study) -> list[str]:
+    """`value` for one objective, `value_0`, `value_1`, ... for several."""
+    count = len(study.directions)
+    return ["value"] if count == 1 else [f"value_{i}" for i in range(count)]
+
+
+@dataclass(frozen=True)
+class LoadedStudy:
+    name: str
+    study: optuna.Study
+    objectives: list[str]  # the objectives' metric names, one per direction
+    client: MlflowClient
+    runs: list[dict[str, Any]]  # tracking.trial_runs
+    table: pd.DataFrame  # trials_table
+
+
+def load_report(
+    study_file: Path, study_name: str | None, storage: str | None, tracking_uri: str | None
+) -> LoadedStudy:
+    """The study named by the file (or `--study`) from its Optuna storage, with its MLflow runs."""
+    spec = load_study_spec(study_file, storage=storage, tracking_uri=tracking_uri)
+    name = study_name or spec.name
+    source = str(study_file)
+    storage_source, name_source = "--storage" if storage else source, "--study" if study_name else source
+    study = load_existing_study(spec.storage or "", name, storage_source, name_source)
+    uri = tracking.resolve_tracking_uri(spec.tracking_uri)
+    if not tracking.store_exists(uri):
+        where = ("--tracking-uri", "") if tracking_uri else (source, "tracking_uri")
+        raise ConfigError(*where, f"no MLflow store at {uri}")
+    client = tracking.client_for(uri)
+    runs = tracking.trial_runs(client, name, name)
+    objectives = [objective.metric for objective in spec.objective_list]
+    if study.metric_names or len(objectives) != len(study.directions):  # names the sweep stored win
+        objectives = list(study.metric_names or value_columns(study))
+    return LoadedStudy(name, study, objectives, client, runs, trials_table(study, runs))
+
+
+def iso(moment: datetime | None) -> str | None:
+    """Optuna's local time to the second, ISO 8601."""
+    return moment.isoformat(timespec="seconds") if moment else None
+
+
+def optuna_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial that ran, from Optuna: number, state, values, searched params, times,
+    run id and the error the trial recorded."""
+    columns = value_columns(study)
+    rows = []
+    for trial in reported_trials(study):
+        row: dict[str, Any] = {"trial": trial.number, "state": trial.state.name}
+        row.update(zip(columns, trial.values or [math.nan] * len(columns)))
+        row.update({f"param.{key}": value for key, value in trial.params.items()})
+        row["duration_s"] = round(trial.duration.total_seconds(), 3) if trial.duration is not None else math.nan
+        row["mlflow_run_id"] = trial.user_attrs.get("mlflow_run_id")
+        row["started"], row["finished"] = iso(trial.datetime_start), iso(trial.datetime_complete)
+        row["error"] = trial_error(trial)
+        rows.append(row)
+    params = list(dict.fromkeys(key for row in rows for key in row if key.startswith("param.")))
+    times = ["duration_s", "mlflow_run_id", "started", "finished", "error"]
+    return pd.DataFrame(rows, columns=["trial", "state", *columns, *params, *times])
+
+
+def best_first(table: pd.DataFrame, study: optuna.Study) -> pd.DataFrame:
+    """Pareto-front trials (several objectives), then by state (COMPLETE first), then by the
+    first objective in its direction, then by trial number."""
+    first = value_columns(study)[0]
+    sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
+    front = {trial.number for trial in study.best_trials} if len(study.directions) > 1 else set()
+    keys = pd.DataFrame(
+        {
+            "front": ~table["trial"].isin(front),
+            "rank": table["state"].map(STATE_RANK).fillna(len(STATE_RANK)),
+            "value": sign * pd.to_numeric(table[first], errors="coerce"),
+            "trial": table["trial"],
+        }
+    )
+    order = keys.sort_values(["front", "rank", "value", "trial"], na_position="last").index
+    return table.loc[order].reset_index(drop=True)
+
+
+def trials_table(study: optuna.Study, runs: list[dict[str, Any]]) -> pd.DataFrame:
+    """Optuna's trials left-joined with their MLflow runs on the run id, best first, columns:
+    trial, state, value(s), param.*, metric.*, duration_s, mlflow_run_id, started, finished, error."""
+    trials = optuna_frame(study)
+    mlflow = pd.DataFrame(runs, columns=sorted({key for run in runs for key in run} | {"mlflow_run_id", "error"}))
+    mlflow = mlflow.drop(columns=["parent_run_id"], errors="ignore").drop_duplicates("mlflow_run_id")
+    table = trials.merge(mlflow, on="mlflow_run_id", how="left", validate="many_to_one", suffixes=("", ".run"))
+    table["error"] = table["error.run"].fillna(table["error"])  # the run's says more (e.g. "retried as trial 9")
+    params = [c for c in table.columns if c.startswith("param.")]
+    metrics = sorted(c for c in table.columns if c.startswith("metric."))
+    ordered = ["trial", "state", *value_columns(study), *params, *metrics]
+    table = table[[*ordered, "duration_s", "mlflow_run_id", "started", "finished", "error"]]
+    return best_first(table, study)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """A GitHub-flavoured markdown table; empty cells for missing values."""
+
+    def cell(value: Any) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        text = f"{value:.6g}" if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def render(table: pd.DataFrame, fmt: Format) -> str:
+    """The table as CSV, markdown or JSON records."""
+    if fmt == "csv":
+        return table.to_csv(index=False)
+    if fmt == "json":
+        return table.to_json(orient="records", indent=2) + "\n"
+    return markdown(table)
+
+
+def format_for(path: str | None, fmt: str | None) -> Format:
+    """`--format` if given, else from the output's suffix (.md, .json), else CSV."""
+    if fmt is not None:
+        return FORMATS[fmt]
+    return FORMAT_OF_SUFFIX.get(Path(path).suffix.lower() if path else "", "csv")
+
+
+def shown_value(value: Any) -> str:
+    """Floats to four significant digits, the rest as they are."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def summary(table: pd.DataFrame, study: optuna.Study, objectives: list[str], console: Console) -> None:
+    """Counts by state, the best trials and the best parameters."""
+    counts = table["state"].value_counts()
+    states = ", ".join(f"{counts[s]} {s}" for s in sorted(counts.index, key=lambda s: STATE_RANK.get(s, 9)))
+    goals = ", ".join(f"{direction.name.lower()} {name}" for direction, name in zip(study.directions, objectives))
+    console.print(f"[bold]study {study.study_name}[/]: {len(table)} trials ({states or 'none'}); {goals}")
+    complete = table[table["state"] == "COMPLETE"]
+    if complete.empty:
+        console.print("no completed trial yet")
+        return
+    multi = len(study.directions) > 1
+    best = complete.head(len(study.best_trials) if multi else BEST_SHOWN)
+    shown = ["trial", *value_columns(study), *(c for c in table.columns if c.startswith("param.")), "duration_s"]
+    grid = Table(title="Pareto front" if multi else f"best {len(best)} trials", title_justify="left")
+    headers = dict(zip(value_columns(study), objectives))  # the metric's name over its value
+    for column in shown:
+        header = headers.get(column, column.removeprefix("param."))
+        grid.add_column(header, justify="left" if column == "trial" else "right")
+    for row in best[shown].itertuples(index=False):
+        grid.add_row(*(shown_value(v) for v in row))
+    console.print(grid)
+    if not multi:
+        params = ", ".join(f"{key}={shown_value(value)}" for key, value in study.best_params.items())
+        console.print(f"best parameters (trial {study.best_trial.number}): {params or 'none searched'}")
+
+
+def slug(name: str) -> str:
+    """A metric name fit for a file name: `eval/cat_acc` -> `eval_cat_acc`."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", name)
+
+
+def save_png(axes: Any, path: Path) -> None:
+    """Save the matplotlib figure of an Axes (or of an array of Axes) and close it."""
+    figure = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+
+
+def objective(index: int) -> Callable[[FrozenTrial], float]:
+    """A plot target: the trial's `index`-th objective value."""
+    return lambda trial: trial.values[index]
+
+
+def write_plots(study: optuna.Study, folder: Path, objectives: list[str]) -> list[Path]:
+    """Optimisation history, parameter importances, parallel coordinates and slices (per
+    objective, plus the Pareto front, for several objectives) as HTML and PNG in `folder`."""
+    matplotlib.use("Agg")
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs: list[tuple[str, Callable[..., Any], Callable[..., Any], dict[str, Any]]] = []
+    for plot, (plotly_plot, mpl_plot) in PLOTS.items():
+        if len(objectives) == 1:
+            jobs.append((plot, plotly_plot, mpl_plot, {"target_name": objectives[0]}))
+            continue
+        for i, name in enumerate(objectives):
+            target = {"target": objective(i), "target_name": name}
+            jobs.append((f"{plot}_{slug(name)}", plotly_plot, mpl_plot, target))
+    if len(objectives) in (2, 3):  # what Optuna's Pareto plots draw
+        pareto = {"target_names": objectives}
+        jobs.append(("pareto_front", plotly_plots.plot_pareto_front, mpl_plots.plot_pareto_front, pareto))
+    written = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)  # the matplotlib backend is "experimental"
+        warnings.simplefilter("ignore", UserWarning)  # matplotlib on flat axes of a one-trial study
+        for stem, plotly_plot, mpl_plot, kwargs in jobs:
+            html, png = folder / f"{stem}.html", folder / f"{stem}.png"
+            plotly_plot(study, **kwargs).write_html(html, include_plotlyjs="cdn")  # as mlflow.log_figure does
+            save_png(mpl_plot(study, **kwargs), png)
+            written += [html, png]
+    return written
+
+
+def log_plots(client: MlflowClient, runs: list[dict[str, Any]], paths: list[Path]) -> str | None:
+    """Log the plots to the study's parent run (the newest trial run's parent); its id, or None."""
+    parent = next((run["parent_run_id"] for run in runs if run.get("parent_run_id")), None)
+    if parent is not None:
+        tracking.log_files(client, parent, paths, PLOTS_ARTIFACT_PATH)
+    return parent
+

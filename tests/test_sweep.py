@@ -1,0 +1,374 @@
+"""`harness sweep` on real SQLite stores in a temporary folder, read back through the Optuna and MLflow clients."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+from click.testing import CliRunner
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+from optuna.trial import FrozenTrial, TrialState
+
+from harness import study as sweeps
+from harness import tracking
+from harness.cli import main
+from harness.study_config import load_study_spec
+from harness.train import Evaluation
+
+# Two log windows and two evaluations a trial: tiny, yet every hook runs.
+TINY_TRAIN = {"data": {"download": False}, "optim": {"batch_size": 16}, "steps": 4, "eval_every": 2, "log_every": 2}
+LAMBDA_SEARCH = {"loss.lambda_cat": {"type": "float", "low": 0.5, "high": 2.0, "log": True}}
+WAIT_S = 240.0
+
+
+def write_study(folder: Path, name: str, trials: int, search: dict[str, Any], **extra: Any) -> Path:
+    doc = {
+        "name": name,
+        "objective": {"metric": "eval/cat_acc", "direction": "maximize"},
+        "trials": trials,
+        "sampler": {"type": "random", "seed": 0},
+        "pruner": {"type": "none"},
+        "train": TINY_TRAIN,
+        "search": search,
+        **extra,
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def sweep_args(study_file: Path, storage: str, tracking_uri: str, *more: str) -> list[str]:
+    return ["sweep", str(study_file), "--storage", storage, "--tracking-uri", tracking_uri, *more]
+
+
+def trials_of(storage: str, name: str) -> list[FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=storage).get_trials()
+
+
+def runs_of(tracking_uri: str, name: str) -> tuple[Run, list[Run]]:
+    """The study's parent run and its trial runs, by trial number."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [run for run in runs if run.data.tags.get("harness.role") == "study"]
+    assert len(parents) == 1, "one parent run per study"
+    children = sorted(
+        (run for run in runs if "optuna.trial" in run.data.tags), key=lambda r: int(r.data.tags["optuna.trial"])
+    )
+    assert len(children) + 1 == len(runs)
+    return parents[0], children
+
+
+def counted_trials(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    retried = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
+    return [t for t in trials if t.state.is_finished() and t.number not in retried and not t.user_attrs.get("surplus")]
+
+
+def assert_nothing_running(trials: list[FrozenTrial], children: list[Run], parent: Run) -> None:
+    assert all(t.state != TrialState.RUNNING for t in trials)
+    assert all(run.info.status != "RUNNING" for run in [parent, *children])
+
+
+def assert_trial_matches_run(trial: FrozenTrial, run: Run, study: str, parent: Run) -> None:
+    assert run.info.run_id == trial.user_attrs["mlflow_run_id"]
+    assert run.info.run_name == f"trial-{trial.number:04d}"
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert run.data.tags["optuna.study"] == study
+    assert run.data.tags["optuna.trial"] == str(trial.number)
+    assert run.data.params["trial"] == str(trial.number)
+    for key, value in trial.params.items():
+        assert float(run.data.params[key]) == pytest.approx(value)
+
+
+def start_sweep(study_file: Path, storage: str, tracking_uri: str, log: Path) -> subprocess.Popen[bytes]:
+    """`harness sweep` as a process of its own, its output in `log`."""
+    command = [sys.executable, "-m", "harness.cli", *sweep_args(study_file, storage, tracking_uri)]
+    with log.open("wb") as out:
+        return subprocess.Popen(command, cwd=study_file.parent, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert process.poll() is None, f"sweep exited early ({process.returncode}):\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"timed out:\n{log.read_text()}"
+        time.sleep(0.2)
+
+
+def trial_running(storage: str, name: str, tracking_uri: str) -> Callable[[], bool]:
+    """True once a trial is RUNNING with its MLflow run. The stores are read only after the sweep has
+    created both (the MLflow file comes second), so that no two processes create tables at once."""
+    mlflow_file = Path(tracking_uri.removeprefix("sqlite:///"))
+
+    def check() -> bool:
+        if not mlflow_file.is_file():
+            return False
+        running = optuna.load_study(study_name=name, storage=storage).get_trials(states=(TrialState.RUNNING,))
+        return any("mlflow_run_id" in t.user_attrs for t in running)
+
+    return check
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the bundled data's fallback, and nothing written into the repository
+
+
+def test_three_trial_sweep_then_resume(tmp_path: Path, optuna_storage: str, tracking_uri: str) -> None:
+    study_file = write_study(tmp_path, "three", 3, LAMBDA_SEARCH)
+    result = CliRunner().invoke(main, sweep_args(study_file, optuna_storage, tracking_uri))
+    assert result.exit_code == 0, result.output
+    assert "best trial" in result.output
+
+    trials = trials_of(optuna_storage, "three")
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert len({t.params["loss.lambda_cat"] for t in trials}) == 3
+    parent, children = runs_of(tracking_uri, "three")
+    assert parent.info.run_name == "three" and parent.info.status == "FINISHED"
+    assert parent.data.params["search.loss.lambda_cat"] == "float [0.5, 2.0] log"
+    assert parent.data.params["train.steps"] == "4"
+    assert parent.data.tags["optuna.sampler"].startswith("RandomSampler")
+    assert parent.data.tags["optuna.pruner"].startswith("NopPruner")
+    assert parent.data.tags["optuna.storage"] == optuna_storage
+    best = max(trials, key=lambda t: t.values[0])
+    assert parent.data.tags["best.trial"] == str(best.number)
+    assert parent.data.metrics["best/eval/cat_acc"] == pytest.approx(best.values[0])
+    client = MlflowClient(tracking_uri)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "plots"} <= artifacts
+    assert "plots/optimization_history.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+
+    assert len(children) == 3
+    for trial, run in zip(trials, children, strict=True):
+        assert_trial_matches_run(trial, run, "three", parent)
+        assert run.info.status == "FINISHED" and run.data.tags["harness.state"] == "COMPLETE"
+        assert set(tracking.config_params(load_study_spec(study_file).train)) < set(run.data.params)
+        history = client.get_metric_history(run.info.run_id, "eval/cat_acc")
+        assert [m.step for m in history] == [0, 2, 4]  # the untrained baseline, then each evaluation
+        assert trial.values[0] == pytest.approx(history[-1].value)
+        assert trial.intermediate_values == {1: pytest.approx(history[1].value), 2: pytest.approx(history[2].value)}
+        assert client.list_artifacts(run.info.run_id, "traversals")
+
+    again = CliRunner().invoke(main, sweep_args(study_file, optuna_storage, tracking_uri))
+    assert again.exit_code == 0, again.output
+    assert "resuming study three: 3/3 finished" in again.output
+    assert len(trials_of(optuna_storage, "three")) == 3
+    parent, children = runs_of(tracking_uri, "three")
+    assert len(children) == 3 and parent.info.status == "FINISHED"
+
+
+def test_diverging_trial_fails_and_the_sweep_completes(tmp_path: Path, optuna_storage: str, tracking_uri: str) -> None:
+    search = {"optim.lr_d": {"type": "categorical", "choices": [2.0e-4, 1.0e6]}}  # 1e6: NaN losses at once
+    study_file = write_study(tmp_path, "diverge", 2, search, sampler={"type": "grid", "seed": 0})
+    result = CliRunner().invoke(main, sweep_args(study_file, optuna_storage, tracking_uri))
+    assert result.exit_code == 0, result.output
+
+    trials = trials_of(optuna_storage, "diverge")
+    by_lr = {t.params["optim.lr_d"]: t for t in trials}
+    assert len(trials) == 2 and set(by_lr) == {2.0e-4, 1.0e6}
+    diverged, fine = by_lr[1.0e6], by_lr[2.0e-4]
+    assert diverged.state == TrialState.FAIL and diverged.user_attrs["error"].startswith(
+        "DivergenceError: non-finite loss"
+    )
+    assert fine.state == TrialState.COMPLETE
+    parent, children = runs_of(tracking_uri, "diverge")
+    runs = {run.info.run_id: run for run in children}
+    failed = runs[diverged.user_attrs["mlflow_run_id"]]
+    assert failed.info.status == "FAILED" and failed.data.tags["error"].startswith("DivergenceError")
+    assert runs[fine.user_attrs["mlflow_run_id"]].info.status == "FINISHED"
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials/fail"] == 1
+    assert_nothing_running(trials, children, parent)
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_with_a_retry_of_the_lost_trial(
+    tmp_path: Path, optuna_storage: str, tracking_uri: str
+) -> None:
+    long_enough = {**TINY_TRAIN, "steps": 20, "eval_every": 10}  # the kill lands while it trains
+    study_file = write_study(tmp_path, "kill", 1, LAMBDA_SEARCH, train=long_enough)
+    log = tmp_path / "first.log"
+    process = start_sweep(study_file, optuna_storage, tracking_uri, log)
+    try:
+        wait_for(trial_running(optuna_storage, "kill", tracking_uri), process, log)
+    finally:
+        process.kill()
+        process.wait()
+
+    result = CliRunner().invoke(main, sweep_args(study_file, optuna_storage, tracking_uri))
+    assert result.exit_code == 0, result.output
+    trials = trials_of(optuna_storage, "kill")
+    killed = trials[0]
+    assert killed.state == TrialState.FAIL
+    retries = [t for t in trials if t.user_attrs.get("retry_of") == killed.number]
+    assert len(retries) == 1
+    assert retries[0].state == TrialState.COMPLETE and retries[0].params == killed.params
+    assert counted_trials(trials) == retries and len(trials) == 2  # the retry fills the one place
+    assert f"trial {killed.number} LOST" in result.output
+
+    parent, children = runs_of(tracking_uri, "kill")
+    runs = {run.info.run_id: run for run in children}
+    lost = runs[killed.user_attrs["mlflow_run_id"]]
+    assert lost.info.status == "KILLED" and lost.data.tags["harness.state"] == "LOST"
+    retry_run = runs[retries[0].user_attrs["mlflow_run_id"]]
+    assert retry_run.info.status == "FINISHED" and retry_run.data.tags["harness.retry_of"] == str(killed.number)
+    assert len(children) == 2 and parent.info.status == "FINISHED"
+    assert_nothing_running(trials, children, parent)
+
+
+@pytest.mark.slow
+def test_ctrl_c_marks_the_trial_interrupted_in_both_stores(
+    tmp_path: Path, optuna_storage: str, tracking_uri: str
+) -> None:
+    long = {**TINY_TRAIN, "steps": 200}  # Ctrl-C lands while it trains; it never trains to the end
+    study_file = write_study(tmp_path, "interrupt", 2, LAMBDA_SEARCH, train=long)
+    log = tmp_path / "sweep.log"
+    process = start_sweep(study_file, optuna_storage, tracking_uri, log)
+    try:
+        wait_for(trial_running(optuna_storage, "interrupt", tracking_uri), process, log)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=WAIT_S) == 130, log.read_text()
+    finally:
+        process.kill()
+        process.wait()
+
+    trials = trials_of(optuna_storage, "interrupt")
+    interrupted = trials[0]
+    assert interrupted.state == TrialState.FAIL and interrupted.user_attrs["error"] == "interrupted"
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert [t.user_attrs["retry_of"] for t in waiting] == [interrupted.number]
+    assert waiting[0].system_attrs["fixed_params"] == interrupted.params
+    parent, children = runs_of(tracking_uri, "interrupt")
+    assert parent.info.status == "KILLED"
+    run = {run.info.run_id: run for run in children}[interrupted.user_attrs["mlflow_run_id"]]
+    assert run.info.status == "FAILED" and run.data.tags["error"] == "interrupted"
+    assert run.data.tags["harness.state"] == "INTERRUPTED"
+    assert_nothing_running(trials, children, parent)
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_storage(tmp_path: Path, optuna_storage: str, tracking_uri: str) -> None:
+    study_file = write_study(tmp_path, "pair", 3, LAMBDA_SEARCH)
+    result = CliRunner().invoke(main, sweep_args(study_file, optuna_storage, tracking_uri, "--workers", "2"))
+    assert result.exit_code == 0, result.output
+
+    trials = trials_of(optuna_storage, "pair")
+    assert len(counted_trials(trials)) == 3
+    assert all(t.state == TrialState.COMPLETE for t in counted_trials(trials))
+    assert len({t.params["loss.lambda_cat"] for t in trials}) == len(trials), "the workers drew the same params"
+    assert len({t.user_attrs["worker"]["pid"] for t in counted_trials(trials)}) == 2, "both workers ran trials"
+    parent, children = runs_of(tracking_uri, "pair")
+    ran = [t for t in trials if "mlflow_run_id" in t.user_attrs]
+    assert len(children) == len(ran) == 3, "one run per trial, none twice"
+    for trial, run in zip(ran, children, strict=True):
+        assert_trial_matches_run(trial, run, "pair", parent)
+        assert run.info.status == "FINISHED"
+    assert_nothing_running(trials, children, parent)
+
+
+def open_sweep(tmp_path: Path, storage: str, tracking_uri: str, heartbeat: sweeps.Heartbeat) -> sweeps.Sweep:
+    """A study and its parent run as `harness sweep` opens them, for the bookkeeping tests below."""
+    spec = load_study_spec(write_study(tmp_path, "book", 2, LAMBDA_SEARCH), storage=storage, tracking_uri=tracking_uri)
+    optuna_storage = sweeps.open_storage(storage, heartbeat)
+    study = sweeps.open_study(spec, optuna_storage, "book.yaml", create=True)
+    client = tracking.client_for(tracking_uri)
+    parent = tracking.open_study_run(client, spec.name, None, {}, {})
+    return sweeps.Sweep(spec, study, optuna_storage, client, parent, heartbeat)
+
+
+def test_recovery_fails_and_retries_trials_of_dead_or_silent_workers(
+    tmp_path: Path, optuna_storage: str, tracking_uri: str
+) -> None:
+    sweeps.quiet_optuna()
+    sweep = open_sweep(tmp_path, optuna_storage, tracking_uri, sweeps.Heartbeat(interval_s=1, grace_s=1))
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True, text=True
+    )
+    identity = sweeps.worker_identity()
+
+    here = sweep.study.ask()  # a worker of this host that has exited
+    here.suggest_float("loss.lambda_cat", 0.5, 2.0, log=True)
+    here.set_user_attr("worker", {**identity, "pid": int(dead.stdout)})
+    run_id = tracking.start_trial_run(sweep.client, "book", sweep.parent_run_id, here.number, {})
+    here.set_user_attr("mlflow_run_id", run_id)
+    elsewhere = sweep.study.ask()  # a worker on another host whose heartbeat stopped
+    elsewhere.suggest_float("loss.lambda_cat", 0.5, 2.0, log=True)
+    elsewhere.set_user_attr("worker", {**identity, "host": "elsewhere"})
+    sweep.storage.record_heartbeat(
+        sweep.storage.get_trial_id_from_study_id_trial_number(
+            sweep.storage.get_study_id_from_name("book"), elsewhere.number
+        )
+    )
+    alive = sweep.study.ask()  # this very process: alive
+    alive.set_user_attr("worker", identity)
+    time.sleep(2.5)
+
+    sweeps.recover(sweep)
+    sweeps.recover(sweep)  # idempotent: no second retry
+    trials = sweep.study.get_trials()
+    assert [t.state for t in trials[:3]] == [TrialState.FAIL, TrialState.FAIL, TrialState.RUNNING]
+    retries = {t.user_attrs["retry_of"]: t for t in trials[3:]}
+    assert set(retries) == {here.number, elsewhere.number} and len(trials) == 5
+    for lost in (here, elsewhere):
+        assert retries[lost.number].state == TrialState.WAITING
+        assert retries[lost.number].system_attrs["fixed_params"] == lost.params
+    run = sweep.client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["harness.state"] == "LOST"
+
+
+def test_counting_skips_lost_trials_and_refuses_a_surplus_trial(
+    tmp_path: Path, optuna_storage: str, tracking_uri: str
+) -> None:
+    sweeps.quiet_optuna()
+    study = open_sweep(tmp_path, optuna_storage, tracking_uri, sweeps.Heartbeat()).study
+    first = sweeps.next_trial(study, target=2)
+    assert first is not None
+    study.tell(first, [0.5])
+    lost = sweeps.next_trial(study, target=2)
+    assert lost is not None
+    lost.suggest_float("loss.lambda_cat", 0.5, 2.0, log=True)
+    study.tell(lost, state=TrialState.FAIL)
+    sweeps.enqueue_retry(study, study.get_trials()[lost.number])
+    assert len(sweeps.counted(study.get_trials())) == 1
+
+    retry = sweeps.next_trial(study, target=2)  # the waiting retry, with the lost trial's params
+    assert retry is not None and retry.user_attrs["retry_of"] == lost.number
+    assert retry.suggest_float("loss.lambda_cat", 0.5, 2.0, log=True) == lost.params["loss.lambda_cat"]
+    assert sweeps.next_trial(study, target=2) is None  # both places taken
+    study.enqueue_trial({})  # a waiting trial beyond the target, as a racing worker would create one
+    assert sweeps.next_trial(study, target=2) is None
+    surplus = study.get_trials()[-1]
+    assert surplus.state == TrialState.FAIL and surplus.user_attrs["surplus"] is True
+    study.tell(retry, [0.7])
+    assert [t.number for t in sweeps.counted(study.get_trials())] == [first.number, retry.number]
+
+
+def test_a_trial_below_the_median_is_pruned_at_its_evaluation(
+    tmp_path: Path, optuna_storage: str, tracking_uri: str
+) -> None:
+    sweeps.quiet_optuna()
+    study = open_sweep(tmp_path, optuna_storage, tracking_uri, sweeps.Heartbeat()).study
+    study.pruner = optuna.pruners.MedianPruner(n_startup_trials=1)
+    images: dict[str, np.ndarray] = {}
+    good = study.ask()
+    reporter = sweeps.ObjectiveReporter(good, ["eval/cat_acc"], report=True)
+    for step, accuracy in ((2, 0.5), (4, 0.6)):
+        reporter.on_eval(Evaluation(step, {"eval/cat_acc": accuracy}, images))
+    study.tell(good, reporter.values())
+
+    bad = study.ask()
+    reporter = sweeps.ObjectiveReporter(bad, ["eval/cat_acc"], report=True)
+    reporter.on_eval(Evaluation(0, {"eval/cat_acc": 0.01}, images))  # the untrained baseline: not reported
+    with pytest.raises(optuna.TrialPruned, match="evaluation 1"):
+        reporter.on_eval(Evaluation(2, {"eval/cat_acc": 0.1}, images))
+    assert bad.should_prune() and study.get_trials()[-1].intermediate_values == {1: 0.1}
