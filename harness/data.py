@@ -90,7 +90,7 @@ def download(cfg: DataConfig) -> None:
         for train in (True, False):
             cls(cfg.root, train=train, download=True)
     except (OSError, RuntimeError) as err:  # URLError is an OSError
-        warnings.warn(f"could not download {cfg.dataset}: {str(err).splitlines()[0]}", stacklevel=2)
+        warnings.warn(f"could not download {cfg.dataset}: {' '.join(str(err).split())}", stacklevel=2)
 
 
 def bundled_mnist_folder() -> Path:
