@@ -192,13 +192,15 @@ def load_train_config(path: Path | None = None, overrides: tuple[str, ...] = ())
             tree, prefix = dict(doc["train"] or {}), "train."
         else:
             tree = doc
+    overridden: set[str] = set()
     for text in overrides:
         key, value = parse_override(text)
         set_dotted(tree, key, value, "--set")
+        overridden.add(key)
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as err:
-        problem = validation_problem(err, source, prefix)
-        if overrides and problem.key.removeprefix(prefix) in {parse_override(o)[0] for o in overrides}:
-            problem = ConfigError("--set", problem.key.removeprefix(prefix), problem.problem)
-        raise problem from None
+        problem = validation_problem(err, source)
+        if problem.key in overridden:  # the bad value came from the command line
+            raise ConfigError("--set", problem.key, problem.problem) from None
+        raise ConfigError(problem.source, prefix + problem.key, problem.problem) from None

@@ -4,9 +4,7 @@ Optuna's plots (HTML and PNG)."""
 from __future__ import annotations
 
 import math
-import re
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -19,14 +17,13 @@ from matplotlib import pyplot as plt
 from mlflow.tracking import MlflowClient
 from optuna import visualization as plotly_plots
 from optuna.exceptions import ExperimentalWarning
-from optuna.trial import FrozenTrial
 from optuna.visualization import matplotlib as mpl_plots
 from rich.console import Console
 from rich.table import Table
 
 from harness import tracking
 from harness.config import ConfigError
-from harness.study import load_existing_study, reported_trials, trial_error
+from harness.study import load_existing_study, plot_jobs, reported_trials, trial_error
 from harness.study_config import load_study_spec
 
 Format = Literal["csv", "markdown", "json"]
@@ -37,12 +34,6 @@ STATE_RANK = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "WAITING": 3, "FAIL": 4}
 BEST_SHOWN = 5  # rows of the terminal's best-trials table
 PLOTS_ARTIFACT_PATH = "plots"  # in the study's parent run, where `harness sweep` logs its PNGs by the same names
 # file stem -> (plotly figure, matplotlib axes); each takes the study, target and target_name.
-PLOTS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
-    "optimization_history": (plotly_plots.plot_optimization_history, mpl_plots.plot_optimization_history),
-    "param_importances": (plotly_plots.plot_param_importances, mpl_plots.plot_param_importances),
-    "parallel_coordinate": (plotly_plots.plot_parallel_coordinate, mpl_plots.plot_parallel_coordinate),
-    "slice": (plotly_plots.plot_slice, mpl_plots.plot_slice),
-}
 
 
 def value_columns(study: optuna.Study) -> list[str]:
@@ -200,11 +191,6 @@ def summary(table: pd.DataFrame, study: optuna.Study, objectives: list[str], con
         console.print(f"best parameters (trial {study.best_trial.number}): {params or 'none searched'}")
 
 
-def slug(name: str) -> str:
-    """A metric name fit for a file name: `eval/cat_acc` -> `eval_cat_acc`."""
-    return re.sub(r"[^A-Za-z0-9.-]+", "_", name)
-
-
 def save_png(axes: Any, path: Path) -> None:
     """Save the matplotlib figure of an Axes (or of an array of Axes) and close it."""
     figure = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
@@ -212,35 +198,20 @@ def save_png(axes: Any, path: Path) -> None:
     plt.close(figure)
 
 
-def objective(index: int) -> Callable[[FrozenTrial], float]:
-    """A plot target: the trial's `index`-th objective value."""
-    return lambda trial: trial.values[index]
-
-
 def write_plots(study: optuna.Study, folder: Path, objectives: list[str]) -> list[Path]:
     """Optimisation history, parameter importances, parallel coordinates and slices (per
     objective, plus the Pareto front, for several objectives) as HTML and PNG in `folder`."""
     matplotlib.use("Agg")
     folder.mkdir(parents=True, exist_ok=True)
-    jobs: list[tuple[str, Callable[..., Any], Callable[..., Any], dict[str, Any]]] = []
-    for plot, (plotly_plot, mpl_plot) in PLOTS.items():
-        if len(objectives) == 1:
-            jobs.append((plot, plotly_plot, mpl_plot, {"target_name": objectives[0]}))
-            continue
-        for i, name in enumerate(objectives):
-            target = {"target": objective(i), "target_name": name}
-            jobs.append((f"{plot}_{slug(name)}", plotly_plot, mpl_plot, target))
-    if len(objectives) in (2, 3):  # what Optuna's Pareto plots draw
-        pareto = {"target_names": objectives}
-        jobs.append(("pareto_front", plotly_plots.plot_pareto_front, mpl_plots.plot_pareto_front, pareto))
     written = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)  # the matplotlib backend is "experimental"
         warnings.simplefilter("ignore", UserWarning)  # matplotlib on flat axes of a one-trial study
-        for stem, plotly_plot, mpl_plot, kwargs in jobs:
+        for stem, plot, kwargs in plot_jobs(objectives):
             html, png = folder / f"{stem}.html", folder / f"{stem}.png"
-            plotly_plot(study, **kwargs).write_html(html, include_plotlyjs="cdn")  # as mlflow.log_figure does
-            save_png(mpl_plot(study, **kwargs), png)
+            figure = getattr(plotly_plots, f"plot_{plot}")(study, **kwargs)
+            figure.write_html(html, include_plotlyjs="cdn")  # as mlflow.log_figure does
+            save_png(getattr(mpl_plots, f"plot_{plot}")(study, **kwargs), png)
             written += [html, png]
     return written
 

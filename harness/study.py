@@ -14,11 +14,11 @@ stale (any host sharing an RDB storage), or that named no worker within the grac
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -830,6 +830,24 @@ def summary(sweep: Sweep) -> tuple[dict[str, float], dict[str, str], dict[str, s
     return metrics, tags, texts
 
 
+PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "slice")  # optuna's plot_<name>
+
+
+def plot_jobs(metrics: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(file stem, Optuna plot name, its keyword arguments) of each plot of a study with these
+    objectives: one of each plot per objective for several, plus the Pareto front for 2 or 3."""
+    if len(metrics) == 1:
+        return [(plot, plot, {"target_name": metrics[0]}) for plot in PLOTS]
+    jobs = [
+        (f"{plot}_{re.sub(r'[^A-Za-z0-9.-]+', '_', metric)}", plot, {"target": objective_value(i), "target_name": metric})
+        for plot in PLOTS
+        for i, metric in enumerate(metrics)
+    ]
+    if len(metrics) <= 3:
+        jobs.append(("pareto_front", "pareto_front", {"target_names": list(metrics)}))
+    return jobs
+
+
 def study_figures(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
     """Optuna's plots as matplotlib figures, by artifact file; plots a study cannot draw yet are left out."""
     import matplotlib
@@ -840,32 +858,19 @@ def study_figures(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
     trials = study.get_trials(deepcopy=False)
     if not any(t.state == TrialState.COMPLETE for t in trials):
         return {}
-    metrics = [objective.metric for objective in spec.objective_list]
-    drawers: dict[str, Callable[[], Any]] = {}
-    if spec.multi_objective:
-        if len(metrics) <= 3:
-            drawers["pareto_front"] = lambda: plots.plot_pareto_front(study, target_names=metrics)
-        for i, metric in enumerate(metrics):
-            drawers[f"history_{metric.replace('/', '_')}"] = functools.partial(
-                plots.plot_optimization_history, study, target=objective_value(i), target_name=metric
-            )
-    else:
-        drawers["optimization_history"] = lambda: plots.plot_optimization_history(study, target_name=metrics[0])
-        if any(t.intermediate_values for t in trials):
-            drawers["intermediate_values"] = lambda: plots.plot_intermediate_values(study)
-        drawers["slice"] = lambda: plots.plot_slice(study, target_name=metrics[0])
-        drawers["parallel_coordinate"] = lambda: plots.plot_parallel_coordinate(study, target_name=metrics[0])
-        drawers["param_importances"] = lambda: plots.plot_param_importances(study, target_name=metrics[0])
+    jobs = plot_jobs([objective.metric for objective in spec.objective_list])
+    if not spec.multi_objective and any(t.intermediate_values for t in trials):
+        jobs.append(("intermediate_values", "intermediate_values", {}))
     figures = {}
-    for name, draw in drawers.items():
+    for stem, plot, kwargs in jobs:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # notes on studies too small to plot well
-                axes = draw()
+                axes = getattr(plots, f"plot_{plot}")(study, **kwargs)
         except (ValueError, RuntimeError):
             continue  # e.g. importances need two complete trials that differ
         first = axes.flat[0] if hasattr(axes, "flat") else axes
-        figures[f"plots/{name}.png"] = first.figure
+        figures[f"plots/{stem}.png"] = first.figure
     return figures
 
 
