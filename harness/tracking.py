@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 import torch
 import yaml
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
@@ -192,29 +192,34 @@ def store_exists(uri: str) -> bool:
     return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
 
 
-def trial_runs(client: MlflowClient, experiment: str, study: str) -> list[dict[str, Any]]:
-    """The study's trial runs (tag `optuna.study`), newest first: run and parent ids, the
-    `error` tag and each metric's last value as `metric.<name>`."""
+def study_trial_runs(client: MlflowClient, experiment: str, study: str, filter_string: str = "") -> Iterator[Run]:
+    """The study's trial runs (tag `optuna.study`) in `experiment`, newest first, every page."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        return []
-    rows: list[dict[str, Any]] = []
+        return
     token: str | None = None
     while True:
         page = client.search_runs(
-            [found.experiment_id], max_results=1000, order_by=["attributes.start_time DESC"], page_token=token
+            [found.experiment_id], filter_string, max_results=1000,
+            order_by=["attributes.start_time DESC"], page_token=token,
         )
-        for run in page:
-            tags = run.data.tags
-            if tags.get(STUDY_TAG) != study:
-                continue
-            row = {"mlflow_run_id": run.info.run_id, "parent_run_id": tags.get(MLFLOW_PARENT_RUN_ID)}
-            row["error"] = tags.get("error")
-            row.update({f"metric.{name}": value for name, value in sorted(run.data.metrics.items())})
-            rows.append(row)
+        yield from (run for run in page if run.data.tags.get(STUDY_TAG) == study)
         token = page.token
         if not token:
-            return rows
+            return
+
+
+def trial_runs(client: MlflowClient, experiment: str, study: str) -> list[dict[str, Any]]:
+    """The study's trial runs, newest first: run and parent ids, the `error` tag and each
+    metric's last value as `metric.<name>`."""
+    rows: list[dict[str, Any]] = []
+    for run in study_trial_runs(client, experiment, study):
+        tags = run.data.tags
+        row = {"mlflow_run_id": run.info.run_id, "parent_run_id": tags.get(MLFLOW_PARENT_RUN_ID)}
+        row["error"] = tags.get("error")
+        row.update({f"metric.{name}": value for name, value in sorted(run.data.metrics.items())})
+        rows.append(row)
+    return rows
 
 
 def log_files(client: MlflowClient, run_id: str, paths: list[Path], artifact_path: str) -> None:
@@ -403,19 +408,5 @@ def finish_trial_run(client: MlflowClient, run_id: str, state: str, error: str |
 
 def running_trial_runs(client: MlflowClient, study: str) -> dict[int, str]:
     """Trial number -> id of each of the study's trial runs still RUNNING."""
-    experiment = client.get_experiment_by_name(study)
-    if experiment is None:
-        return {}
-    runs: dict[int, str] = {}
-    token: str | None = None
-    while True:
-        page = client.search_runs(
-            [experiment.experiment_id], "attributes.status = 'RUNNING'", max_results=1000, page_token=token
-        )
-        for run in page:
-            tags = run.data.tags
-            if tags.get(STUDY_TAG) == study and TRIAL_TAG in tags:
-                runs[int(tags[TRIAL_TAG])] = run.info.run_id
-        token = page.token
-        if not token:
-            return runs
+    running = study_trial_runs(client, study, study, "attributes.status = 'RUNNING'")
+    return {int(run.data.tags[TRIAL_TAG]): run.info.run_id for run in running if TRIAL_TAG in run.data.tags}
