@@ -18,9 +18,20 @@ TINY = (
 )
 
 
+def same_on_every_machine(tmp_path: Path) -> tuple[str, ...]:
+    """Overrides that leave the machine out of a run: an empty data root (the bundled subset, even where
+    `data/` holds a download) and the CPU (even where there is a GPU)."""
+    return (f"data.root={tmp_path / 'no-data'}", "device=cpu")
+
+
+def tiny_config(tmp_path: Path, *overrides: str) -> TrainConfig:
+    """TINY on the bundled subset and the CPU, with more overrides."""
+    return load_train_config(None, (*TINY, *same_on_every_machine(tmp_path), *overrides))
+
+
 @pytest.fixture
-def tiny_cfg() -> TrainConfig:
-    return load_train_config(None, TINY)
+def tiny_cfg(tmp_path: Path) -> TrainConfig:
+    return tiny_config(tmp_path)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from harness import tracking
 from harness.cli import main
-from tests.conftest import TINY
+from tests.conftest import TINY, same_on_every_machine
 
 
 def only_run(client: MlflowClient, experiment: str) -> mlflow.entities.Run:
@@ -25,7 +25,7 @@ def only_run(client: MlflowClient, experiment: str) -> mlflow.entities.Run:
 
 def test_train_command_logs_params_tags_metrics_and_artifacts(tracking_uri: str, tmp_path: Path) -> None:
     args = ["train", "--tracking-uri", tracking_uri, "--experiment", "t", "--run-name", "tiny", "--quiet"]
-    for override in TINY:
+    for override in (*TINY, *same_on_every_machine(tmp_path)):
         args += ["--set", override]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from harness.config import TrainConfig, load_train_config
+from harness.config import TrainConfig
 from harness.latent import LatentSpec
 from harness.train import DivergenceError, Evaluation, InfoGANTrainer, TrainListener, train
-from tests.conftest import TINY
+from tests.conftest import tiny_config
 
 
 class Recorder(TrainListener):
@@ -61,8 +62,8 @@ def test_same_seed_same_metrics_other_seed_other_metrics(tiny_cfg: TrainConfig) 
     assert without_timing(other.logs[-1][1]) != without_timing(first.logs[-1][1])
 
 
-def test_several_categorical_codes_get_per_code_metrics() -> None:
-    cfg = load_train_config(None, (*TINY, "codes.categorical=[10, 3]", "codes.continuous=0", "steps=6"))
+def test_several_categorical_codes_get_per_code_metrics(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, "codes.categorical=[10, 3]", "codes.continuous=0", "steps=6")
     recorder = Recorder()
     train(cfg, [recorder])
     values = recorder.evals[-1].metrics
