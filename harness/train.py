@@ -132,14 +132,19 @@ class InfoGANTrainer:
     def step(self, real: torch.Tensor) -> torch.Tensor:
         """One D+Q update then one G update; returns detached stats
         [loss/d, loss/g, loss/info, nll_con, ce per categorical code...] without a host sync."""
-        batch = real.shape[0]
-        latent = self.spec.sample(batch, self.latent_rng, self.device)
-        ones = torch.ones(batch, device=self.device)
-        zeros = torch.zeros(batch, device=self.device)
-
-        # D and Q (shared trunk): real vs fake, plus λ·(-L_I) on the detached fake.
+        latent = self.spec.sample(real.shape[0], self.latent_rng, self.device)
         with self.autocast:
             fake = self.model.generator(latent.vector)  # (B, 1, 28, 28) in [0, 1]
+        loss_d = self.step_d(real, fake, latent)
+        loss_g, loss_info, ce, nll = self.step_g(fake, latent)
+        return torch.cat([torch.stack([loss_d, loss_g, loss_info, nll]), ce]).detach()
+
+    def step_d(self, real: torch.Tensor, fake: torch.Tensor, latent: Latent) -> torch.Tensor:
+        """D and Q (shared trunk) take one step: real vs fake, plus λ·(-L_I) on `fake` made from `latent`,
+        detached here so that G's graph stays for `step_g`; returns loss/d."""
+        ones = torch.ones(len(real), device=self.device)
+        zeros = torch.zeros(len(fake), device=self.device)
+        with self.autocast:
             d_real, _ = self.model.discriminate(real)
             d_fake, q_fake = self.model.discriminate(fake.detach())
         loss_d = F.binary_cross_entropy_with_logits(d_real.float(), ones) + F.binary_cross_entropy_with_logits(
@@ -149,8 +154,14 @@ class InfoGANTrainer:
         self.opt_d.zero_grad(set_to_none=True)
         (loss_d + self.info_loss(ce, nll)).backward()
         self.opt_d.step()
+        return loss_d
 
-        # G (and Q if it steps with G): fool D and make the codes recoverable.
+    def step_g(
+        self, fake: torch.Tensor, latent: Latent
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """G (and Q if it steps with G) take one step: fool D and make the codes recoverable from `fake`
+        (attached to G's graph); returns loss/g, loss/info, ce (n_cat,) and nll ()."""
+        ones = torch.ones(len(fake), device=self.device)
         for module in self.frozen_in_g_step:
             module.requires_grad_(False)
         with self.autocast:
@@ -163,7 +174,7 @@ class InfoGANTrainer:
         self.opt_g.step()
         for module in self.frozen_in_g_step:
             module.requires_grad_(True)
-        return torch.cat([torch.stack([loss_d, loss_g, loss_info, nll]), ce]).detach()
+        return loss_g, loss_info, ce, nll
 
     def window_metrics(self, stats_sum: torch.Tensor, count: int) -> dict[str, float]:
         """Means over a log window of `step`'s stats, named for MLflow."""
