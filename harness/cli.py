@@ -196,8 +196,8 @@ def sweep_command(
     """Run or resume an Optuna study: one MLflow parent run, a child run per trial."""
     from rich.console import Console
 
-    from harness.study import run_sweep
-    from harness.study_config import load_study_spec
+    from harness.sweep.coordinator import run_sweep
+    from harness.sweep.spec import load_study_spec
 
     spec = load_study_spec(study_file, trials, storage, tracking_uri, device, overrides)
     sys.exit(run_sweep(spec, study_file, workers, Console()))
@@ -210,7 +210,7 @@ def sweep_command(
 @click.option("--parent-pid", type=int, required=True)
 def sweep_worker_command(spec_file: Path, worker: int, status_dir: Path, parent_pid: int) -> None:
     """One worker process of `harness sweep --workers N`, started by it with its validated spec."""
-    from harness.study import run_worker
+    from harness.sweep.workers import run_worker
 
     sys.exit(run_worker(spec_file, worker, status_dir, parent_pid))
 

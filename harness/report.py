@@ -23,8 +23,10 @@ from rich.table import Table
 
 from harness import tracking
 from harness.config import ConfigError
-from harness.study import load_existing_study, plot_jobs, reported_trials, trial_error
-from harness.study_config import load_study_spec
+from harness.sweep.bookkeeping import reported_trials, trial_error
+from harness.sweep.plots import plot_jobs
+from harness.sweep.spec import load_study_spec
+from harness.sweep.storage import load_existing_study
 
 Format = Literal["csv", "markdown", "json"]
 FORMATS: dict[str, Format] = {"csv": "csv", "markdown": "markdown", "json": "json"}

@@ -19,7 +19,7 @@ from optuna.trial import TrialState, create_trial
 
 from harness import tracking
 from harness.cli import main
-from harness.study import PLOTS
+from harness.sweep.plots import PLOTS
 from harness.train import EVAL_METRICS, LOG_METRICS
 from tests.smoke_sweep import SweepStore, smoke_sweep
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.study_config import GridSampler, load_study_spec
+from harness.sweep.spec import GridSampler, load_study_spec
 
 STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml"))
 

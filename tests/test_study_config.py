@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from harness.cli import main
 from harness.config import ConfigError
-from harness.study_config import CategoricalSpace, load_study_spec
+from harness.sweep.spec import CategoricalSpace, load_study_spec
 
 VALID = """\
 name: lambda
@@ -227,21 +227,21 @@ def test_a_missing_file_and_a_bad_flag(tmp_path: Path, monkeypatch: pytest.Monke
 def test_a_changed_study_is_refused_before_it_mixes_with_the_stored_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from harness import study as sweeps
+    from harness.sweep import storage as sweep_storage
 
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "study.yaml"
     path.write_text(VALID, encoding="utf-8")
     spec = load_study_spec(path)
-    sweeps.quiet_optuna()
-    sweeps.open_study(spec, sweeps.open_storage(spec.storage_url), str(path), create=True)
+    sweep_storage.quiet_optuna()
+    sweep_storage.open_study(spec, sweep_storage.open_storage(spec.storage_url), str(path), create=True)
     path.write_text(VALID.replace("high: 4.0", "high: 8.0"), encoding="utf-8")
     changed = load_study_spec(path)
     with pytest.raises(ConfigError, match="search: differs from the study 'lambda'"):
-        sweeps.open_study(changed, sweeps.open_storage(spec.storage_url), str(path), create=True)
+        sweep_storage.open_study(changed, sweep_storage.open_storage(spec.storage_url), str(path), create=True)
     path.write_text(VALID, encoding="utf-8")  # where it runs may change: another device resumes it
-    resumed = sweeps.open_study(
-        load_study_spec(path, device="cpu"), sweeps.open_storage(spec.storage_url), str(path), create=False
+    resumed = sweep_storage.open_study(
+        load_study_spec(path, device="cpu"), sweep_storage.open_storage(spec.storage_url), str(path), create=False
     )
     assert resumed.study_name == "lambda"
 

@@ -19,10 +19,12 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
-from harness import study as sweeps
+from harness.sweep import bookkeeping, recovery
+from harness.sweep import storage as sweep_storage
+from harness.sweep.trial import ObjectiveReporter
 from harness import tracking
 from harness.cli import main
-from harness.study_config import load_study_spec
+from harness.sweep.spec import load_study_spec
 from harness.train import Evaluation
 
 # Two log windows and two evaluations a trial: tiny, yet every hook runs.
@@ -276,25 +278,25 @@ def test_two_workers_share_one_storage(tmp_path: Path, optuna_storage: str, trac
     assert_nothing_running(trials, children, parent)
 
 
-def open_sweep(tmp_path: Path, storage: str, tracking_uri: str, heartbeat: sweeps.Heartbeat) -> sweeps.Sweep:
+def open_sweep(tmp_path: Path, storage: str, tracking_uri: str, heartbeat: sweep_storage.Heartbeat) -> sweep_storage.Sweep:
     """A study and its parent run as `harness sweep` opens them, for the bookkeeping tests below."""
     spec = load_study_spec(write_study(tmp_path, "book", 2, LAMBDA_SEARCH), storage=storage, tracking_uri=tracking_uri)
-    optuna_storage = sweeps.open_storage(storage, heartbeat)
-    study = sweeps.open_study(spec, optuna_storage, "book.yaml", create=True)
+    optuna_storage = sweep_storage.open_storage(storage, heartbeat)
+    study = sweep_storage.open_study(spec, optuna_storage, "book.yaml", create=True)
     client = tracking.client_for(tracking_uri)
     parent = tracking.open_study_run(client, spec.name, None, {}, {})
-    return sweeps.Sweep(spec, study, optuna_storage, client, parent, heartbeat)
+    return sweep_storage.Sweep(spec, study, optuna_storage, client, parent, heartbeat)
 
 
 def test_recovery_fails_and_retries_trials_of_dead_or_silent_workers(
     tmp_path: Path, optuna_storage: str, tracking_uri: str
 ) -> None:
-    sweeps.quiet_optuna()
-    sweep = open_sweep(tmp_path, optuna_storage, tracking_uri, sweeps.Heartbeat(interval_s=1, grace_s=1))
+    sweep_storage.quiet_optuna()
+    sweep = open_sweep(tmp_path, optuna_storage, tracking_uri, sweep_storage.Heartbeat(interval_s=1, grace_s=1))
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True, text=True
     )
-    identity = sweeps.worker_identity()
+    identity = recovery.worker_identity()
 
     here = sweep.study.ask()  # a worker of this host that has exited
     here.suggest_float("loss.lambda_cat", 0.5, 2.0, log=True)
@@ -313,8 +315,8 @@ def test_recovery_fails_and_retries_trials_of_dead_or_silent_workers(
     alive.set_user_attr("worker", identity)
     time.sleep(2.5)
 
-    sweeps.recover(sweep)
-    sweeps.recover(sweep)  # idempotent: no second retry
+    recovery.recover(sweep)
+    recovery.recover(sweep)  # idempotent: no second retry
     trials = sweep.study.get_trials()
     assert [t.state for t in trials[:3]] == [TrialState.FAIL, TrialState.FAIL, TrialState.RUNNING]
     retries = {t.user_attrs["retry_of"]: t for t in trials[3:]}
@@ -329,45 +331,45 @@ def test_recovery_fails_and_retries_trials_of_dead_or_silent_workers(
 def test_counting_skips_lost_trials_and_refuses_a_surplus_trial(
     tmp_path: Path, optuna_storage: str, tracking_uri: str
 ) -> None:
-    sweeps.quiet_optuna()
-    study = open_sweep(tmp_path, optuna_storage, tracking_uri, sweeps.Heartbeat()).study
-    first = sweeps.next_trial(study, target=2)
+    sweep_storage.quiet_optuna()
+    study = open_sweep(tmp_path, optuna_storage, tracking_uri, sweep_storage.Heartbeat()).study
+    first = bookkeeping.next_trial(study, target=2)
     assert first is not None
     study.tell(first, [0.5])
-    lost = sweeps.next_trial(study, target=2)
+    lost = bookkeeping.next_trial(study, target=2)
     assert lost is not None
     lost.suggest_float("loss.lambda_cat", 0.5, 2.0, log=True)
     study.tell(lost, state=TrialState.FAIL)
-    sweeps.enqueue_retry(study, study.get_trials()[lost.number])
-    assert len(sweeps.counted(study.get_trials())) == 1
+    bookkeeping.enqueue_retry(study, study.get_trials()[lost.number])
+    assert len(bookkeeping.counted(study.get_trials())) == 1
 
-    retry = sweeps.next_trial(study, target=2)  # the waiting retry, with the lost trial's params
+    retry = bookkeeping.next_trial(study, target=2)  # the waiting retry, with the lost trial's params
     assert retry is not None and retry.user_attrs["retry_of"] == lost.number
     assert retry.suggest_float("loss.lambda_cat", 0.5, 2.0, log=True) == lost.params["loss.lambda_cat"]
-    assert sweeps.next_trial(study, target=2) is None  # both places taken
+    assert bookkeeping.next_trial(study, target=2) is None  # both places taken
     study.enqueue_trial({})  # a waiting trial beyond the target, as a racing worker would create one
-    assert sweeps.next_trial(study, target=2) is None
+    assert bookkeeping.next_trial(study, target=2) is None
     surplus = study.get_trials()[-1]
     assert surplus.state == TrialState.FAIL and surplus.user_attrs["surplus"] is True
     study.tell(retry, [0.7])
-    assert [t.number for t in sweeps.counted(study.get_trials())] == [first.number, retry.number]
+    assert [t.number for t in bookkeeping.counted(study.get_trials())] == [first.number, retry.number]
 
 
 def test_a_trial_below_the_median_is_pruned_at_its_evaluation(
     tmp_path: Path, optuna_storage: str, tracking_uri: str
 ) -> None:
-    sweeps.quiet_optuna()
-    study = open_sweep(tmp_path, optuna_storage, tracking_uri, sweeps.Heartbeat()).study
+    sweep_storage.quiet_optuna()
+    study = open_sweep(tmp_path, optuna_storage, tracking_uri, sweep_storage.Heartbeat()).study
     study.pruner = optuna.pruners.MedianPruner(n_startup_trials=1)
     images: dict[str, np.ndarray] = {}
     good = study.ask()
-    reporter = sweeps.ObjectiveReporter(good, ["eval/cat_acc"], report=True)
+    reporter = ObjectiveReporter(good, ["eval/cat_acc"], report=True)
     for step, accuracy in ((2, 0.5), (4, 0.6)):
         reporter.on_eval(Evaluation(step, {"eval/cat_acc": accuracy}, images))
     study.tell(good, reporter.values())
 
     bad = study.ask()
-    reporter = sweeps.ObjectiveReporter(bad, ["eval/cat_acc"], report=True)
+    reporter = ObjectiveReporter(bad, ["eval/cat_acc"], report=True)
     reporter.on_eval(Evaluation(0, {"eval/cat_acc": 0.01}, images))  # the untrained baseline: not reported
     with pytest.raises(optuna.TrialPruned, match="evaluation 1"):
         reporter.on_eval(Evaluation(2, {"eval/cat_acc": 0.1}, images))

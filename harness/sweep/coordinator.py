@@ -1,0 +1,102 @@
+"""`harness sweep`: run or resume a study to `trials` counted trials, in-process or with worker processes."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from mlflow.entities import RunStatus
+from optuna.trial import TrialState
+from rich.console import Console
+
+from harness import tracking
+from harness.sweep.bookkeeping import (
+    PARENT_ATTR,
+    counted,
+)
+from harness.sweep.display import Monitor, format_value, progress_listeners, say
+from harness.sweep.recovery import recover
+from harness.sweep.signals import EXIT_INTERRUPTED, sigint_ignored
+from harness.sweep.spec import (
+    StudySpec,
+)
+from harness.sweep.storage import (
+    Heartbeat,
+    Sweep,
+    display_url,
+    make_sampler,
+    open_storage,
+    open_study,
+    quiet_optuna,
+)
+from harness.sweep.summary import close_study_run, study_params, study_tags
+from harness.sweep.workers import supervise, work_loop
+
+
+def run_sweep(spec: StudySpec, study_file: Path, workers: int, console: Console) -> int:
+    """Run or resume the study to `trials` counted trials, in-process or with `workers` processes.
+    Returns the exit code: 0, 1 when a worker process failed, 130 on Ctrl-C."""
+    quiet_optuna()
+    heartbeat = Heartbeat()
+    storage = open_storage(spec.storage_url, heartbeat)
+    study = open_study(spec, storage, str(study_file), create=True)
+    study.sampler = make_sampler(spec, len(study.get_trials(deepcopy=False)))
+    client = tracking.client_for(spec.tracking_uri)
+    parent = tracking.open_study_run(
+        client, spec.name, study.user_attrs.get(PARENT_ATTR), study_params(spec), study_tags(spec)
+    )
+    study.set_user_attr(PARENT_ATTR, parent)
+    sweep = Sweep(spec, study, storage, client, parent, heartbeat)
+    deadline = time.monotonic() + spec.timeout if spec.timeout else None
+    status, code = RunStatus.to_string(RunStatus.FINISHED), 0
+    with tempfile.TemporaryDirectory(prefix="harness-sweep-") as folder:
+        status_dir = Path(folder)
+        try:
+            with Monitor(sweep, status_dir, console) as monitor:
+                if workers == 1:
+
+                    def between() -> None:
+                        recover(sweep)
+                        monitor.poll()
+
+                    work_loop(sweep, deadline, progress_listeners(spec, status_dir, monitor.poll), between)
+                else:
+                    code = supervise(sweep, min(workers, spec.trials), status_dir, monitor)
+        except KeyboardInterrupt:
+            status, code = RunStatus.to_string(RunStatus.KILLED), EXIT_INTERRUPTED
+        except BaseException as err:
+            with sigint_ignored():
+                recover(sweep)
+                tracking.end_run(
+                    client, parent, RunStatus.to_string(RunStatus.FAILED), {"error": f"{type(err).__name__}: {err}"}
+                )
+            raise
+    with sigint_ignored():
+        recover(sweep)
+        close_study_run(sweep, status)
+    print_summary(sweep, console, code)
+    return code
+
+
+def print_summary(sweep: Sweep, console: Console, code: int) -> None:
+    """The closing lines: trial counts, the best trial, where both stores are."""
+    spec, study = sweep.spec, sweep.study
+    trials = study.get_trials(deepcopy=False)
+    done = counted(trials)
+    by_state = ", ".join(
+        f"{sum(t.state == s for t in done)} {s.name.lower()}"
+        for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    )
+    say(console, f"study {spec.name}: {len(done)}/{spec.trials} trials finished ({by_state})")
+    if code == EXIT_INTERRUPTED:
+        say(console, "interrupted: run the same command again to resume")
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if complete and not spec.multi_objective:
+        best = study.best_trial
+        params = "  ".join(f"{k}={format_value(v)}" for k, v in best.params.items())
+        say(console, f"best trial {best.number}: {spec.objective_list[0].metric}={best.value:.4f}  {params}")
+    elif complete:
+        say(console, f"Pareto front: trials {', '.join(str(t.number) for t in study.best_trials)}")
+    say(console, f"MLflow: experiment {spec.name}, parent run {sweep.parent_run_id} in {sweep.client.tracking_uri}")
+    say(console, f"Optuna: study {spec.name} in {display_url(spec.storage_url)}")

@@ -1,0 +1,126 @@
+"""The study's parent run: its params and tags, and the summary and plots it is closed with."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from harness import tracking
+from harness.sweep.bookkeeping import (
+    RUN_ATTR,
+    counted,
+)
+from harness.sweep.plots import plot_jobs
+from harness.sweep.spec import (
+    CategoricalSpace,
+    FloatSpace,
+    Space,
+    StudySpec,
+)
+from harness.sweep.storage import Sweep, display_url, make_pruner, make_sampler
+
+
+def describe_space(space: Space) -> str:
+    """`float [0.1, 4.0] log`, `int [0, 8] step 2`, `categorical [...]`."""
+    if isinstance(space, CategoricalSpace):
+        return f"categorical {list(space.optuna_choices())}"
+    text = f"{space.type} [{space.low}, {space.high}]" + (" log" if space.log else "")
+    step = space.step if isinstance(space, FloatSpace) or space.step != 1 else None
+    return text + (f" step {step}" if step is not None else "")
+
+
+def study_params(spec: StudySpec) -> dict[str, Any]:
+    """The parent run's params: base config, search space and objectives."""
+    params: dict[str, Any] = {f"train.{k}": v for k, v in tracking.config_params(spec.train).items()}
+    params |= {f"search.{key}": describe_space(space) for key, space in spec.search.items()}
+    params |= {f"objective.{o.metric}": o.direction for o in spec.objective_list}
+    return params
+
+
+def study_tags(spec: StudySpec) -> dict[str, str]:
+    """The parent run's tags: storage, sampler and pruner (`TPESampler {"seed": 0, ...}`), trials."""
+    sampler, pruner = make_sampler(spec, 0), make_pruner(spec)
+    sampler_options = spec.sampler.model_dump(exclude={"type"})
+    pruner_options = spec.pruner.model_dump(exclude={"type"}) if spec.pruner else {}
+    return {
+        "optuna.storage": display_url(spec.storage_url),
+        "optuna.sampler": f"{type(sampler).__name__} {json.dumps(sampler_options)}",
+        "optuna.pruner": f"{type(pruner).__name__} {json.dumps(pruner_options)}",
+        "harness.trials": str(spec.trials),
+    }
+
+
+def summary(sweep: Sweep) -> tuple[dict[str, float], dict[str, str], dict[str, str]]:
+    """The parent run's closing metrics, tags and text files: best value and params, the trials table."""
+    study, spec = sweep.study, sweep.spec
+    trials = study.get_trials(deepcopy=False)
+    done = counted(trials)
+    metrics = {
+        f"trials/{state.name.lower()}": float(sum(t.state == state for t in done))
+        for state in TrialState
+        if state.is_finished()
+    }
+    tags: dict[str, str] = {}
+    frame = study.trials_dataframe(
+        attrs=("number", "value", "state", "datetime_start", "duration", "params", "user_attrs")
+    )
+    texts = {"trials.csv": frame.to_csv(index=False)}
+    if any(t.state == TrialState.COMPLETE for t in trials):
+        if spec.multi_objective:
+            front = [
+                {"trial": t.number, "values": t.values, "params": t.params, RUN_ATTR: t.user_attrs.get(RUN_ATTR)}
+                for t in study.best_trials
+            ]
+            texts["pareto_front.json"] = json.dumps(front, indent=2)
+            tags["best.trials"] = ",".join(str(t.number) for t in study.best_trials)
+        else:
+            best = study.best_trial
+            assert best.value is not None
+            metrics[f"best/{spec.objective_list[0].metric}"] = best.value
+            tags |= {"best.trial": str(best.number), "best.run_id": str(best.user_attrs.get(RUN_ATTR))}
+            tags |= {f"best.{key}": str(value) for key, value in best.params.items()}
+    return metrics, tags, texts
+
+
+def study_figures(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
+    """Optuna's plots as matplotlib figures, by artifact file; plots a study cannot draw yet are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization import matplotlib as plots
+
+    trials = study.get_trials(deepcopy=False)
+    if not any(t.state == TrialState.COMPLETE for t in trials):
+        return {}
+    jobs = plot_jobs([objective.metric for objective in spec.objective_list])
+    if not spec.multi_objective and any(t.intermediate_values for t in trials):
+        jobs.append(("intermediate_values", "intermediate_values", {}))
+    figures = {}
+    for stem, plot, kwargs in jobs:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # notes on studies too small to plot well
+                axes = getattr(plots, f"plot_{plot}")(study, **kwargs)
+        except (ValueError, RuntimeError):
+            continue  # e.g. importances need two complete trials that differ
+        first = axes.flat[0] if hasattr(axes, "flat") else axes
+        figures[f"plots/{stem}.png"] = first.figure
+    return figures
+
+
+def close_study_run(sweep: Sweep, status: str) -> None:
+    """Summarise the study in its parent run and close it with `status`."""
+    import matplotlib.pyplot as plt
+
+    metrics, tags, texts = summary(sweep)
+    figures = study_figures(sweep.study, sweep.spec)
+    step = len(counted(sweep.study.get_trials(deepcopy=False)))
+    try:
+        tracking.finish_study_run(sweep.client, sweep.parent_run_id, status, step, metrics, tags, texts, figures)
+    finally:
+        for figure in figures.values():
+            plt.close(figure)

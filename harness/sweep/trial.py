@@ -1,0 +1,172 @@
+"""Running one claimed trial: its config, its heartbeat, its reports to the pruner, its end in both stores."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import optuna
+import torch
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
+
+from harness import tracking
+from harness.config import TrainConfig, build_train_config, set_dotted
+from harness.sweep.bookkeeping import (
+    ERROR_ATTR,
+    RETRY_ATTR,
+    RUN_ATTR,
+    enqueue_retry,
+)
+from harness.sweep.signals import sigint_deferred
+from harness.sweep.spec import (
+    FloatSpace,
+    IntSpace,
+    Space,
+    StudySpec,
+)
+from harness.sweep.storage import Sweep
+from harness.train import Evaluation, TrainListener, train
+
+
+def suggest(trial: optuna.Trial, key: str, space: Space) -> Any:
+    """The trial's value for a search key, as the train config takes it."""
+    if isinstance(space, FloatSpace):
+        return trial.suggest_float(key, space.low, space.high, log=space.log, step=space.step)
+    if isinstance(space, IntSpace):
+        return trial.suggest_int(key, space.low, space.high, log=space.log, step=space.step)
+    return space.decode(trial.suggest_categorical(key, space.optuna_choices()))
+
+
+def trial_config(spec: StudySpec, trial: optuna.Trial) -> TrainConfig:
+    """The base config with the trial's value for every search key."""
+    tree = spec.train.model_dump()
+    for key, space in spec.search.items():
+        set_dotted(tree, key, suggest(trial, key, space), "search")
+    return build_train_config(tree, f"trial {trial.number}")
+
+
+class ObjectiveReporter(TrainListener):
+    """Keeps the objective metrics' last values; at each evaluation after training began reports the
+    (single) objective to Optuna, its step counting those evaluations, and stops a trial the pruner prunes."""
+
+    def __init__(self, trial: optuna.Trial, metrics: Sequence[str], report: bool) -> None:
+        self.trial, self.metrics, self.report = trial, tuple(metrics), report
+        self.latest: dict[str, float] = {}
+        self.evaluations = 0
+
+    def on_log(self, step: int, values: dict[str, float]) -> None:
+        self.latest.update(values)
+
+    def on_eval(self, evaluation: Evaluation) -> None:
+        self.latest.update(evaluation.metrics)
+        if evaluation.step == 0:
+            return  # the untrained baseline, alike for all trials of a seed: nothing to prune on
+        self.evaluations += 1
+        value = self.latest.get(self.metrics[0])
+        if not self.report or value is None:
+            return
+        self.trial.report(value, self.evaluations)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at evaluation {self.evaluations} (step {evaluation.step})")
+
+    def values(self) -> list[float]:
+        """The objectives' last values; ValueError when one is missing or not finite."""
+        values = []
+        for metric in self.metrics:
+            value = self.latest.get(metric)
+            if value is None or not math.isfinite(value):
+                raise ValueError(f"objective {metric} is {'never logged' if value is None else value}")
+            values.append(value)
+        return values
+
+
+@contextmanager
+def heartbeat(storage: RDBStorage, study: optuna.Study, number: int, interval_s: int) -> Iterator[None]:
+    """Record the trial's heartbeat in the storage every `interval_s` until the block ends."""
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            with contextlib.suppress(SQLAlchemyError):  # a busy database: the next beat, well within the grace
+                storage.record_heartbeat(trial_id)
+            if stop.wait(interval_s):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def free_memory() -> None:
+    """Release what a finished (or failed, e.g. out-of-memory) trial held, on the GPU too."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_trial(sweep: Sweep, trial: optuna.Trial, listeners: Sequence[TrainListener]) -> None:
+    """Train one claimed trial and record its end in both stores. Errors fail the trial and are not
+    raised; Ctrl-C marks it interrupted, queues its retry, and is raised."""
+    spec, client = sweep.spec, sweep.client
+    metrics = [objective.metric for objective in spec.objective_list]
+    run_id: str | None = None
+    state, values, error = "COMPLETE", None, None
+    try:
+        with heartbeat(sweep.storage, sweep.study, trial.number, sweep.heartbeat.interval_s):
+            retry_of = trial.user_attrs.get(RETRY_ATTR)
+            tags = {"harness.retry_of": str(retry_of)} if retry_of is not None else {}
+            run_id = tracking.start_trial_run(client, spec.name, sweep.parent_run_id, trial.number, tags)
+            trial.set_user_attr(RUN_ATTR, run_id)
+            reporter = ObjectiveReporter(trial, metrics, report=not spec.multi_objective)
+            train(trial_config(spec, trial), [tracking.RunLogger(client, run_id), reporter, *listeners])
+            values = reporter.values()
+    except optuna.TrialPruned:
+        state = "PRUNED"
+    except KeyboardInterrupt:
+        interrupt_trial(sweep, trial, run_id)
+        raise
+    except Exception as err:  # any error fails this trial only (out of memory too): the sweep goes on
+        state, error = "FAIL", f"{type(err).__name__}: {err}"
+    with sigint_deferred():
+        end_trial(sweep, trial, run_id, state, values, error)
+    free_memory()
+
+
+def interrupt_trial(sweep: Sweep, trial: optuna.Trial, run_id: str | None) -> None:
+    """Ctrl-C: the trial fails as interrupted in both stores, and a retry is queued for the next start."""
+    with sigint_deferred():
+        enqueue_retry(sweep.study, trial)
+        end_trial(sweep, trial, run_id, "INTERRUPTED", error="interrupted")
+
+
+def end_trial(
+    sweep: Sweep,
+    trial: optuna.Trial,
+    run_id: str | None,
+    state: str,
+    values: list[float] | None = None,
+    error: str | None = None,
+) -> None:
+    """Tell Optuna how the trial ended (INTERRUPTED is FAIL there), then close its run the same way. A
+    trial failed meanwhile as lost (its heartbeat went stale) keeps that end: its retry runs it again."""
+    running = sweep.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if any(t.number == trial.number for t in running):
+        if error:
+            trial.set_user_attr(ERROR_ATTR, error[:5000])
+        sweep.study.tell(trial, values, state=TrialState.FAIL if state == "INTERRUPTED" else TrialState[state])
+    else:
+        state, error = "LOST", "failed as lost meanwhile (its heartbeat went stale); retried"
+    if run_id is not None:
+        tracking.finish_trial_run(sweep.client, run_id, state, error)
