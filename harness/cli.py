@@ -130,6 +130,7 @@ def report_command(
     from rich.console import Console
 
     from harness import report
+    from harness.sweep.plots import write_plots
 
     loaded = report.load_report(study_file, study_name, storage, tracking_uri)
     table_format = report.format_for(output, fmt)
@@ -143,7 +144,7 @@ def report_command(
         path.write_text(text, encoding="utf-8")
         console.print(f"wrote {len(loaded.table)} trials to {path}")
     if plots is not None:
-        paths = report.write_plots(loaded.study, plots, loaded.objectives)
+        paths = write_plots(loaded.study, loaded.objectives, plots)
         parent = report.log_plots(loaded.client, loaded.runs, paths)
         logged = f"logged to run {parent}" if parent else "no parent run in MLflow to log them to"
         console.print(f"wrote {len(paths)} plots to {plots}/; {logged}")

@@ -4,27 +4,21 @@ Optuna's plots (HTML and PNG)."""
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-import matplotlib
 import optuna
 import pandas as pd
-from matplotlib import pyplot as plt
 from mlflow.tracking import MlflowClient
-from optuna import visualization as plotly_plots
-from optuna.exceptions import ExperimentalWarning
-from optuna.visualization import matplotlib as mpl_plots
 from rich.console import Console
 from rich.table import Table
 
 from harness import tracking
 from harness.config import ConfigError
 from harness.sweep.bookkeeping import reported_trials, trial_error
-from harness.sweep.plots import plot_jobs
+from harness.sweep.plots import PLOTS_ARTIFACT_PATH
 from harness.sweep.spec import load_study_spec
 from harness.sweep.storage import load_existing_study
 
@@ -34,8 +28,6 @@ SUFFIXES: dict[Format, str] = {"csv": ".csv", "markdown": ".md", "json": ".json"
 FORMAT_OF_SUFFIX: dict[str, Format] = {".md": "markdown", ".markdown": "markdown", ".json": "json"}
 STATE_RANK = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "WAITING": 3, "FAIL": 4}
 BEST_SHOWN = 5  # rows of the terminal's best-trials table
-PLOTS_ARTIFACT_PATH = "plots"  # in the study's parent run, where `harness sweep` logs its PNGs by the same names
-# file stem -> (plotly figure, matplotlib axes); each takes the study, target and target_name.
 
 
 def value_columns(study: optuna.Study) -> list[str]:
@@ -193,35 +185,10 @@ def summary(table: pd.DataFrame, study: optuna.Study, objectives: list[str], con
         console.print(f"best parameters (trial {study.best_trial.number}): {params or 'none searched'}")
 
 
-def save_png(axes: Any, path: Path) -> None:
-    """Save the matplotlib figure of an Axes (or of an array of Axes) and close it."""
-    figure = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
-    figure.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(figure)
-
-
-def write_plots(study: optuna.Study, folder: Path, objectives: list[str]) -> list[Path]:
-    """Optimisation history, parameter importances, parallel coordinates and slices (per
-    objective, plus the Pareto front, for several objectives) as HTML and PNG in `folder`."""
-    matplotlib.use("Agg")
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)  # the matplotlib backend is "experimental"
-        warnings.simplefilter("ignore", UserWarning)  # matplotlib on flat axes of a one-trial study
-        for stem, plot, kwargs in plot_jobs(objectives):
-            html, png = folder / f"{stem}.html", folder / f"{stem}.png"
-            figure = getattr(plotly_plots, f"plot_{plot}")(study, **kwargs)
-            figure.write_html(html, include_plotlyjs="cdn")  # as mlflow.log_figure does
-            save_png(getattr(mpl_plots, f"plot_{plot}")(study, **kwargs), png)
-            written += [html, png]
-    return written
-
-
 def log_plots(client: MlflowClient, runs: list[dict[str, Any]], paths: list[Path]) -> str | None:
     """Log the plots to the study's parent run (the newest trial run's parent); its id, or None."""
     parent = next((run["parent_run_id"] for run in runs if run.get("parent_run_id")), None)
     if parent is not None:
-        tracking.log_files(client, parent, paths, PLOTS_ARTIFACT_PATH)
+        tracking.log_files(client, parent, paths, PLOTS_ARTIFACT_PATH)  # beside the sweep's PNGs of the same names
     return parent
 

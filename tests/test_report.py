@@ -213,7 +213,7 @@ def test_report_of_a_real_sweep(sweep: SweepStore, tmp_path: Path) -> None:
         assert not any(math.isnan(row[f"metric.{name}"]) for name in LOG_METRICS + EVAL_METRICS)
     assert f"{len(study.trials)} trials ({len(study.trials)} COMPLETE); maximize eval/cat_acc" in result.stderr
     assert f"best parameters (trial {study.best_trial.number}): loss.lambda_cat=" in result.stderr
-    names = {f"{stem}.{ext}" for stem in PLOTS for ext in ("html", "png")}
+    names = {f"{stem}.{ext}" for stem in (*PLOTS, "intermediate_values") for ext in ("html", "png")}  # its trials report
     assert {path.name for path in plots.iterdir()} == names
     parent = study.user_attrs["mlflow_parent_run_id"]
     logged = {Path(a.path).name for a in client.list_artifacts(parent, "plots")}

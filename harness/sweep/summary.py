@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import warnings
 from typing import Any
 
-import optuna
 from optuna.trial import TrialState
 
 from harness import tracking
@@ -14,7 +12,7 @@ from harness.sweep.bookkeeping import (
     RUN_ATTR,
     counted,
 )
-from harness.sweep.plots import plot_jobs
+from harness.sweep.plots import PLOTS_ARTIFACT_PATH, matplotlib_figures
 from harness.sweep.spec import (
     CategoricalSpace,
     FloatSpace,
@@ -86,38 +84,16 @@ def summary(sweep: Sweep) -> tuple[dict[str, float], dict[str, str], dict[str, s
     return metrics, tags, texts
 
 
-def study_figures(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
-    """Optuna's plots as matplotlib figures, by artifact file; plots a study cannot draw yet are left out."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from optuna.visualization import matplotlib as plots
-
-    trials = study.get_trials(deepcopy=False)
-    if not any(t.state == TrialState.COMPLETE for t in trials):
-        return {}
-    jobs = plot_jobs([objective.metric for objective in spec.objective_list])
-    if not spec.multi_objective and any(t.intermediate_values for t in trials):
-        jobs.append(("intermediate_values", "intermediate_values", {}))
-    figures = {}
-    for stem, plot, kwargs in jobs:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # notes on studies too small to plot well
-                axes = getattr(plots, f"plot_{plot}")(study, **kwargs)
-        except (ValueError, RuntimeError):
-            continue  # e.g. importances need two complete trials that differ
-        first = axes.flat[0] if hasattr(axes, "flat") else axes
-        figures[f"plots/{stem}.png"] = first.figure
-    return figures
-
-
 def close_study_run(sweep: Sweep, status: str) -> None:
     """Summarise the study in its parent run and close it with `status`."""
     import matplotlib.pyplot as plt
 
     metrics, tags, texts = summary(sweep)
-    figures = study_figures(sweep.study, sweep.spec)
+    objectives = [objective.metric for objective in sweep.spec.objective_list]
+    figures = {
+        f"{PLOTS_ARTIFACT_PATH}/{stem}.png": figure
+        for stem, figure in matplotlib_figures(sweep.study, objectives).items()
+    }
     step = len(counted(sweep.study.get_trials(deepcopy=False)))
     try:
         tracking.finish_study_run(sweep.client, sweep.parent_run_id, status, step, metrics, tags, texts, figures)
