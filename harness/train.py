@@ -24,9 +24,6 @@ TRAVERSAL_ROWS = 8
 TRAVERSAL_RANGE = (-2.0, 2.0)  # the paper's range for continuous codes
 TRAVERSAL_COLUMNS = 10
 EVAL_CHUNK = 1000
-# The metric names are an interface (MLflow charts, study objectives): keep them stable.
-LOG_METRICS = ("loss/d", "loss/g", "loss/info", "info/mi_cat", "info/h_cat", "info/mi_con", "perf/images_per_s")
-EVAL_METRICS = ("eval/cat_acc", "eval/cat_acc_majority", "eval/digits_covered")
 
 
 class DivergenceError(RuntimeError):

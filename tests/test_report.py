@@ -20,7 +20,7 @@ from optuna.trial import TrialState, create_trial
 from harness import tracking
 from harness.cli import main
 from harness.sweep.plots import PLOTS
-from harness.train import EVAL_METRICS, LOG_METRICS
+from harness.metric_names import EVAL_METRICS, LOG_METRICS
 from tests.smoke_sweep import SweepStore, smoke_sweep
 
 SEARCH = {"loss.lambda_cat": FloatDistribution(0.1, 2.0, log=True), "optim.lr_g": FloatDistribution(1e-4, 1e-3)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -260,3 +262,12 @@ def test_set_overrides_study_keys_and_a_bad_one_is_blamed_on_the_flag(tmp_path: 
     ):
         result = CliRunner().invoke(main, ["sweep", str(path), "--set", text])
         assert result.exit_code == 2 and result.output.startswith(line), result.output
+
+
+def test_validating_a_study_file_does_not_import_torch() -> None:
+    study = Path(__file__).resolve().parents[1] / "studies" / "lambda.yaml"
+    code = "import sys; from pathlib import Path; from harness.sweep.spec import load_study_spec; "
+    code += f"load_study_spec(Path({str(study)!r})); "
+    code += "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,10 +26,9 @@ from harness.config import (
     train_keys,
     validation_problem,
 )
-from harness.train import EVAL_METRICS, LOG_METRICS
+from harness.metric_names import is_logged, known_names
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
-PER_CODE_METRICS = (*EVAL_METRICS, "info/mi_cat")  # logged per categorical code as `<name>/c<i>`
 # Where a study runs, not what it computes: may change when a study is resumed.
 PLACEMENT_KEYS = ("device", "data.root", "data.download")
 
@@ -135,10 +133,8 @@ class Objective(Frozen):
     @field_validator("metric")
     @classmethod
     def _logged(cls, value: str) -> str:
-        per_code = "|".join(re.escape(name) for name in PER_CODE_METRICS)
-        if value not in (*LOG_METRICS, *EVAL_METRICS) and not re.fullmatch(rf"(?:{per_code})/c\d+", value):
-            known = ", ".join((*LOG_METRICS, *EVAL_METRICS))
-            raise ValueError(f"the trainer does not log '{value}'; it logs {known} (and <name>/c<i> per code)")
+        if not is_logged(value):
+            raise ValueError(f"the trainer does not log '{value}'; it logs {known_names()}")
         return value
 
 
