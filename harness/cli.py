@@ -9,7 +9,13 @@ import warnings
 from pathlib import Path
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from harness.config import ConfigError, TrainConfig, load_train_config
 from harness.train import Evaluation, RunInfo, TrainListener, train

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -150,19 +151,38 @@ def train_keys() -> set[str]:
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None:
-    """Set `a.b.c` in a nested dict, refusing keys the trainer does not have."""
+    """Set `a.b.c` in nested dicts, making the mappings on the way. A key of the tree that holds dots
+    itself (a study file's search key `loss.lambda_cat`) is matched whole: `search.loss.lambda_cat.high`."""
+    node, parts = tree, key.split(".")
+    while len(parts) > 1:
+        taken = next((n for n in range(len(parts) - 1, 0, -1) if ".".join(parts[:n]) in node), 1)
+        head, parts = ".".join(parts[:taken]), parts[taken:]
+        child = node.setdefault(head, {})
+        if child is None:
+            child = node[head] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(source, key, f"'{head}' is not a mapping")
+        node = child
+    node[parts[0]] = value
+
+
+def set_train_key(tree: dict[str, Any], key: str, value: Any, source: str) -> None:
+    """Set a dotted key of a trainer config tree, refusing keys the trainer does not have."""
     keys = train_keys()
     if key not in keys:
         section = any(k.startswith(key + ".") for k in keys)
         raise ConfigError(source, key, "is a section: set one of its keys" if section else "unknown key")
-    *parents, leaf = key.split(".")
-    node = tree
-    for part in parents:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(source, key, f"'{part}' is not a mapping")
-        node = child
-    node[leaf] = value
+    set_dotted(tree, key, value, source)
+
+
+def blame_override(err: ConfigError, source: str, overridden: Iterable[str], prefix: str = "") -> ConfigError:
+    """`err` blamed on `--set` when it is about a key of `source` that an override set (or a key above or
+    below one); else `err` as it is. `prefix` is what the error's key has and the overrides' keys lack."""
+    key = err.key.removeprefix(prefix)
+    related = (k for k in overridden if key == k or key.startswith(f"{k}.") or k.startswith(f"{key}."))
+    if err.source == source and key and any(related):
+        return ConfigError("--set", key, err.problem)
+    return err
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -195,12 +215,9 @@ def load_train_config(path: Path | None = None, overrides: tuple[str, ...] = ())
     overridden: set[str] = set()
     for text in overrides:
         key, value = parse_override(text)
-        set_dotted(tree, key, value, "--set")
+        set_train_key(tree, key, value, "--set")
         overridden.add(key)
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as err:
-        problem = validation_problem(err, source)
-        if problem.key in overridden:  # the bad value came from the command line
-            raise ConfigError("--set", problem.key, problem.problem) from None
-        raise ConfigError(problem.source, prefix + problem.key, problem.problem) from None
+        raise blame_override(validation_problem(err, source, prefix), source, overridden, prefix) from None

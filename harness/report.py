@@ -21,6 +21,7 @@ from harness.sweep.bookkeeping import reported_trials, trial_error
 from harness.sweep.plots import PLOTS_ARTIFACT_PATH
 from harness.sweep.spec import load_study_spec
 from harness.sweep.storage import load_existing_study
+from harness.text import format_value
 
 Format = Literal["csv", "markdown", "json"]
 FORMATS: dict[str, Format] = {"csv": "csv", "markdown": "markdown", "json": "json"}
@@ -130,8 +131,7 @@ def markdown(table: pd.DataFrame) -> str:
     def cell(value: Any) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return ""
-        text = f"{value:.6g}" if isinstance(value, float) else str(value)
-        return text.replace("|", "\\|").replace("\n", " ")
+        return format_value(value, digits=6).replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
@@ -154,11 +154,6 @@ def format_for(path: str | None, fmt: str | None) -> Format:
     return FORMAT_OF_SUFFIX.get(Path(path).suffix.lower() if path else "", "csv")
 
 
-def shown_value(value: Any) -> str:
-    """Floats to four significant digits, the rest as they are."""
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def summary(table: pd.DataFrame, study: optuna.Study, objectives: list[str], console: Console) -> None:
     """Counts by state, the best trials and the best parameters."""
     counts = table["state"].value_counts()
@@ -178,10 +173,10 @@ def summary(table: pd.DataFrame, study: optuna.Study, objectives: list[str], con
         header = headers.get(column, column.removeprefix("param."))
         grid.add_column(header, justify="left" if column == "trial" else "right")
     for row in best[shown].itertuples(index=False):
-        grid.add_row(*(shown_value(v) for v in row))
+        grid.add_row(*(format_value(v) for v in row))
     console.print(grid)
     if not multi:
-        params = ", ".join(f"{key}={shown_value(value)}" for key, value in study.best_params.items())
+        params = ", ".join(f"{key}={format_value(value)}" for key, value in study.best_params.items())
         console.print(f"best parameters (trial {study.best_trial.number}): {params or 'none searched'}")
 
 

@@ -28,29 +28,37 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from harness.config import ConfigError, TrainConfig, flatten
 from harness.train import Evaluation, RunInfo, TrainListener
+from harness.urls import absolute_url, sqlite_path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # opens the runs table rather than the GenAI overview
 BATCH_LIMIT = 100  # params per log_batch call (MLflow's limit)
+# The project's run tags
+ERROR_TAG = "error"  # why a run failed
+ROLE_TAG = "harness.role"  # "study" on a study's parent run
+STUDY_TAG = "optuna.study"  # on trial runs only, so readers of a study's trials never see the parent
+TRIAL_TAG = "optuna.trial"
+STATE_TAG = "harness.state"  # how the trial ended: COMPLETE, PRUNED, FAIL, INTERRUPTED, LOST
+RETRY_TAG = "harness.retry_of"  # on a retry's run: the number of the lost trial it replaces
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """`--tracking-uri` beats MLFLOW_TRACKING_URI beats the project's SQLite store."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())  # independent of later cwd
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    uri = absolute_url(uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+    path = sqlite_path(uri)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
     return uri
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
     """Beside a SQLite store: `<db folder>/artifacts/<experiment>`; elsewhere the server decides."""
-    if not uri.startswith("sqlite:///"):
+    path = sqlite_path(uri)
+    if path is None:
         return None
     folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment)
-    return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts" / folder).as_uri()
+    return (path.parent / "artifacts" / folder).as_uri()
 
 
 def client_for(uri: str | None) -> MlflowClient:
@@ -166,10 +174,10 @@ def tracked_run(
     try:
         yield RunLogger(client, run_id)
     except KeyboardInterrupt:
-        end_run(client, run_id, RunStatus.to_string(RunStatus.KILLED), {"error": "interrupted"})
+        end_run(client, run_id, RunStatus.to_string(RunStatus.KILLED), {ERROR_TAG: "interrupted"})
         raise
     except BaseException as err:
-        end_run(client, run_id, RunStatus.to_string(RunStatus.FAILED), {"error": f"{type(err).__name__}: {err}"})
+        end_run(client, run_id, RunStatus.to_string(RunStatus.FAILED), {ERROR_TAG: f"{type(err).__name__}: {err}"})
         raise
     else:
         end_run(client, run_id, RunStatus.to_string(RunStatus.FINISHED))
@@ -189,7 +197,8 @@ LOCAL_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # n
 
 def store_exists(uri: str) -> bool:
     """False only for a SQLite store whose file is missing (reading it would create it)."""
-    return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).is_file()
+    path = sqlite_path(uri)
+    return path is None or path.is_file()
 
 
 def study_trial_runs(client: MlflowClient, experiment: str, study: str, filter_string: str = "") -> Iterator[Run]:
@@ -216,7 +225,7 @@ def trial_runs(client: MlflowClient, experiment: str, study: str) -> list[dict[s
     for run in study_trial_runs(client, experiment, study):
         tags = run.data.tags
         row = {"mlflow_run_id": run.info.run_id, "parent_run_id": tags.get(MLFLOW_PARENT_RUN_ID)}
-        row["error"] = tags.get("error")
+        row["error"] = tags.get(ERROR_TAG)
         row.update({f"metric.{name}": value for name, value in sorted(run.data.metrics.items())})
         rows.append(row)
     return rows
@@ -280,8 +289,9 @@ def ui_server_command(uri: str, host: str, port: int) -> list[str]:
     """This environment's `mlflow server` over the store; for SQLite, new artifacts go beside the db."""
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
     command += ["--host", host, "--port", str(port), "--workers", "1", "--uvicorn-opts", "--no-access-log"]
-    if uri.startswith("sqlite:///"):
-        root = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+    path = sqlite_path(uri)
+    if path is not None:
+        root = (path.parent / "artifacts").as_uri()
         command += ["--default-artifact-root", root, "--no-serve-artifacts"]  # runs keep their file:// artifacts
     return command
 
@@ -334,19 +344,6 @@ def serve_ui(uri: str, host: str, port: int, timeout_s: float = UI_START_TIMEOUT
 
 # --- sweeps: parent and child runs ---
 
-STUDY_TAG = "optuna.study"  # on trial runs only, so readers of a study's trials never see the parent
-TRIAL_TAG = "optuna.trial"
-STATE_TAG = "harness.state"
-# The MLflow status of a trial's run, by how the trial ended.
-TRIAL_RUN_STATUS = {
-    "COMPLETE": RunStatus.to_string(RunStatus.FINISHED),
-    "PRUNED": RunStatus.to_string(RunStatus.KILLED),
-    "FAIL": RunStatus.to_string(RunStatus.FAILED),
-    "INTERRUPTED": RunStatus.to_string(RunStatus.FAILED),  # Ctrl-C; the trial is retried on the next start
-    "LOST": RunStatus.to_string(RunStatus.KILLED),  # its worker died; the trial is retried
-}
-
-
 def open_study_run(
     client: MlflowClient, study: str, run_id: str | None, params: Mapping[str, Any], tags: Mapping[str, str]
 ) -> str:
@@ -364,7 +361,7 @@ def open_study_run(
                 client.update_run(run_id, status=running)
             client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
             return run_id
-    run_id = start_run(client, experiment_id, study, {"harness.role": "study", **tags})
+    run_id = start_run(client, experiment_id, study, {ROLE_TAG: "study", **tags})
     log_params(client, run_id, params)
     return run_id
 
@@ -398,12 +395,6 @@ def start_trial_run(
     run_id = start_run(client, experiment_id, f"trial-{number:04d}", run_tags, parent_run_id)
     log_params(client, run_id, {"trial": number})
     return run_id
-
-
-def finish_trial_run(client: MlflowClient, run_id: str, state: str, error: str | None = None) -> None:
-    """Close a trial's run by the trial's end (a TRIAL_RUN_STATUS key), kept as tag `harness.state`."""
-    tags = {STATE_TAG: state, **({"error": error} if error else {})}
-    end_run(client, run_id, TRIAL_RUN_STATUS[state], tags)
 
 
 def running_trial_runs(client: MlflowClient, study: str) -> dict[int, str]:

@@ -19,8 +19,9 @@ from optuna.trial import TrialState, create_trial
 
 from harness import tracking
 from harness.cli import main
-from harness.sweep.plots import PLOTS
 from harness.metric_names import EVAL_METRICS, LOG_METRICS
+from harness.sweep.bookkeeping import TrialEnd, close_trial_run
+from harness.sweep.plots import PLOTS
 from tests.smoke_sweep import SweepStore, smoke_sweep
 
 SEARCH = {"loss.lambda_cat": FloatDistribution(0.1, 2.0, log=True), "optim.lr_g": FloatDistribution(1e-4, 1e-3)}
@@ -60,7 +61,7 @@ def hand_made_study(
             run_id = tracking.start_trial_run(client, name, parent, number, {})
             for step, values in trial.get("steps", {}).items():
                 tracking.log_metrics(client, run_id, step, values)
-            tracking.finish_trial_run(client, run_id, trial["state"].name, trial.get("run_error"))
+            close_trial_run(client, run_id, TrialEnd[trial["state"].name], trial.get("run_error"))
             attrs["mlflow_run_id"] = run_id
         study.add_trial(
             create_trial(

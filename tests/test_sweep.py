@@ -19,12 +19,12 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
-from harness.sweep import bookkeeping, recovery
-from harness.sweep import storage as sweep_storage
-from harness.sweep.trial import ObjectiveReporter
 from harness import tracking
 from harness.cli import main
+from harness.sweep import bookkeeping, recovery
+from harness.sweep import storage as sweep_storage
 from harness.sweep.spec import load_study_spec
+from harness.sweep.trial import ObjectiveReporter
 from harness.train import Evaluation
 
 # Two log windows and two evaluations a trial: tiny, yet every hook runs.

@@ -15,7 +15,7 @@ from harness.sweep.bookkeeping import (
     PARENT_ATTR,
     counted,
 )
-from harness.sweep.display import Monitor, format_value, progress_listeners, say
+from harness.sweep.display import Monitor, progress_listeners, say
 from harness.sweep.recovery import recover
 from harness.sweep.signals import EXIT_INTERRUPTED, sigint_ignored
 from harness.sweep.spec import (
@@ -24,7 +24,6 @@ from harness.sweep.spec import (
 from harness.sweep.storage import (
     Heartbeat,
     Sweep,
-    display_url,
     make_sampler,
     open_storage,
     open_study,
@@ -32,6 +31,8 @@ from harness.sweep.storage import (
 )
 from harness.sweep.summary import close_study_run, study_params, study_tags
 from harness.sweep.workers import supervise, work_loop
+from harness.text import format_value
+from harness.urls import display_url
 
 
 def run_sweep(spec: StudySpec, study_file: Path, workers: int, console: Console) -> int:
@@ -69,7 +70,7 @@ def run_sweep(spec: StudySpec, study_file: Path, workers: int, console: Console)
             with sigint_ignored():
                 recover(sweep)
                 tracking.end_run(
-                    client, parent, RunStatus.to_string(RunStatus.FAILED), {"error": f"{type(err).__name__}: {err}"}
+                    client, parent, RunStatus.to_string(RunStatus.FAILED), {tracking.ERROR_TAG: f"{type(err).__name__}: {err}"}
                 )
             raise
     with sigint_ignored():
@@ -95,7 +96,7 @@ def print_summary(sweep: Sweep, console: Console, code: int) -> None:
     if complete and not spec.multi_objective:
         best = study.best_trial
         params = "  ".join(f"{k}={format_value(v)}" for k, v in best.params.items())
-        say(console, f"best trial {best.number}: {spec.objective_list[0].metric}={best.value:.4f}  {params}")
+        say(console, f"best trial {best.number}: {spec.objective_list[0].metric}={format_value(best.value)}  {params}")
     elif complete:
         say(console, f"Pareto front: trials {', '.join(str(t.number) for t in study.best_trials)}")
     say(console, f"MLflow: experiment {spec.name}, parent run {sweep.parent_run_id} in {sweep.client.tracking_uri}")

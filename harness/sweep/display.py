@@ -27,6 +27,7 @@ from harness.sweep.spec import (
     StudySpec,
 )
 from harness.sweep.storage import Sweep
+from harness.text import format_value
 from harness.train import Evaluation, RunInfo, TrainListener
 
 SHOWN_METRICS = ("loss/d", "loss/g")  # besides the objectives, in the live display
@@ -118,7 +119,7 @@ class Monitor:
             reason = trial.user_attrs.get(ERROR_ATTR) or "its worker died"
             return f"trial {trial.number} LOST ({reason}), retried as trial {retries[trial.number]}"
         if trial.state == TrialState.COMPLETE:
-            values = "  ".join(f"{m}={v:.4f}" for m, v in zip(self.metrics, trial.values or (), strict=False))
+            values = "  ".join(f"{m}={format_value(v)}" for m, v in zip(self.metrics, trial.values or (), strict=False))
             return f"trial {trial.number} COMPLETE  {values}  {params}"
         if trial.state == TrialState.PRUNED:
             return f"trial {trial.number} PRUNED at evaluation {trial.last_step}  {params}"
@@ -163,11 +164,6 @@ class Monitor:
 def say(console: Console, line: str) -> None:
     """Print a line as is: no markup, no colouring, no wrapping."""
     console.print(line, markup=False, highlight=False, soft_wrap=True)
-
-
-def format_value(value: Any) -> str:
-    """Floats to 4 significant digits, the rest as they print."""
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def best_text(spec: StudySpec, trials: Sequence[FrozenTrial]) -> str:

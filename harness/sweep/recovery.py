@@ -21,6 +21,8 @@ from harness.sweep.bookkeeping import (
     ERROR_ATTR,
     RETRY_ATTR,
     WORKER_ATTR,
+    TrialEnd,
+    close_trial_run,
     enqueue_retry,
 )
 from harness.sweep.signals import sigint_deferred
@@ -78,6 +80,6 @@ def close_orphan_runs(sweep: Sweep) -> None:
             continue
         if number in retries:
             error = f"{trial.user_attrs.get(ERROR_ATTR) or 'its worker died'}; retried as trial {retries[number]}"
-            tracking.finish_trial_run(sweep.client, run_id, "LOST", error)
+            close_trial_run(sweep.client, run_id, TrialEnd.LOST, error)
         else:
-            tracking.finish_trial_run(sweep.client, run_id, trial.state.name, trial.user_attrs.get(ERROR_ATTR))
+            close_trial_run(sweep.client, run_id, TrialEnd[trial.state.name], trial.user_attrs.get(ERROR_ATTR))

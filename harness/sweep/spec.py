@@ -19,18 +19,21 @@ from harness.config import (
     ConfigError,
     Frozen,
     TrainConfig,
+    blame_override,
     build_train_config,
     parse_override,
     read_yaml_mapping,
     set_dotted,
+    set_train_key,
     train_keys,
     validation_problem,
 )
 from harness.metric_names import is_logged, known_names
+from harness.urls import absolute_url
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 # Where a study runs, not what it computes: may change when a study is resumed.
-PLACEMENT_KEYS = ("device", "data.root", "data.download")
+PLACEMENT = {"device": True, "data": {"root": True, "download": True}}  # a model_dump exclude
 
 Scalar = bool | int | float | str
 
@@ -275,26 +278,16 @@ class StudySpec(Frozen):
 
     def fingerprint(self) -> dict[str, Any]:
         """What a resumed study must keep: objectives, the base config (but where it runs) and the search space."""
-        train = self.train.model_dump(mode="json")
-        for key in PLACEMENT_KEYS:
-            *parents, leaf = key.split(".")
-            node = train
-            for part in parents:
-                node = node[part]
-            del node[leaf]
         return {
             "objectives": [o.model_dump() for o in self.objective_list],
-            "train": train,
+            "train": self.train.model_dump(mode="json", exclude=PLACEMENT),
             "search": {key: space.model_dump(mode="json") for key, space in sorted(self.search.items())},
         }
 
 
 def resolve_storage_url(url: str | None) -> str:
     """An Optuna storage URL, `sqlite:///mlruns/optuna.db` by default; relative SQLite paths become absolute."""
-    url = url or DEFAULT_STORAGE
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-        url = "sqlite:///" + str(Path(url.removeprefix("sqlite:///")).resolve())
-    return url
+    return absolute_url(url or DEFAULT_STORAGE)
 
 
 def load_study_spec(
@@ -312,11 +305,11 @@ def load_study_spec(
     set_keys = []
     for text in overrides:
         key, value = parse_override(text)
-        set_study_key(doc, key, value)
+        set_dotted(doc, key, value, "--set")
         set_keys.append(key)
     if device is not None:
         build_train_config({"device": device}, "--device")  # a bad --device is the flag's fault
-        set_study_key(doc, "train.device", device)
+        set_dotted(doc, "train.device", device, "--device")
     try:
         spec = validate(doc, source)
         if trials is not None:
@@ -328,27 +321,8 @@ def load_study_spec(
         check_search(spec, source)
         check_sampler_and_pruner(spec, source)
     except ConfigError as err:
-        touched = (k for k in set_keys if err.key == k or err.key.startswith(f"{k}.") or k.startswith(f"{err.key}."))
-        if err.source == source and err.key and any(touched):
-            raise ConfigError("--set", err.key, err.problem) from None
-        raise
+        raise blame_override(err, source, set_keys) from None
     return spec
-
-
-def set_study_key(doc: dict[str, Any], key: str, value: Any) -> None:
-    """Set a dotted key of a study file; a key of the file that holds dots itself (a search key such as
-    `loss.lambda_cat`) is matched whole: `search.loss.lambda_cat.high`."""
-    node, parts = doc, key.split(".")
-    while len(parts) > 1:
-        taken = next((n for n in range(len(parts) - 1, 0, -1) if ".".join(parts[:n]) in node), 1)
-        head, parts = ".".join(parts[:taken]), parts[taken:]
-        child = node.get(head)
-        if child is None:
-            child = node[head] = {}
-        if not isinstance(child, dict):
-            raise ConfigError("--set", key, f"'{head}' is not a mapping")
-        node = child
-    node[parts[0]] = value
 
 
 def validate(doc: dict[str, Any], source: str) -> StudySpec:
@@ -389,7 +363,7 @@ def check_search(spec: StudySpec, source: str) -> None:
             values = {"low": space.low, "high": space.high}
         for label, value in values.items():
             tree = copy.deepcopy(base)
-            set_dotted(tree, key, value, source)
+            set_train_key(tree, key, value, source)
             try:
                 build_train_config(tree, source)
             except ConfigError as err:

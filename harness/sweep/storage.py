@@ -6,14 +6,12 @@ import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import optuna
 from mlflow.tracking import MlflowClient
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from harness.config import ConfigError
@@ -34,6 +32,7 @@ from harness.sweep.spec import (
     SuccessiveHalvingPruner,
     TpeSampler,
 )
+from harness.urls import display_url, sqlite_path
 
 SQLITE_BUSY_TIMEOUT_S = 60
 SAMPLERS: dict[type, type[optuna.samplers.BaseSampler]] = {
@@ -88,15 +87,11 @@ def quiet_optuna() -> None:
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
-def display_url(url: str) -> str:
-    """A storage URL without its password, fit for tags and messages."""
-    return make_url(url).render_as_string(hide_password=True)
-
-
 def open_storage(url: str, heartbeat: Heartbeat = Heartbeat()) -> RDBStorage:
     """The RDB storage at `url` with heartbeats; SQLite waits for locks rather than failing."""
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    path = sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
     engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}} if url.startswith("sqlite") else {}
     try:
         return RDBStorage(
@@ -157,7 +152,8 @@ def open_study(spec: StudySpec, storage: RDBStorage, source: str, create: bool) 
 def load_existing_study(storage: str, name: str, storage_source: str, name_source: str) -> optuna.Study:
     """A study that exists, creating nothing; a missing storage file or study is a ConfigError naming
     where the storage URL or the name came from (the study file or a flag)."""
-    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
+    path = sqlite_path(storage)
+    if path is not None and not path.is_file():
         key = "" if storage_source.startswith("--") else "storage"
         raise ConfigError(storage_source, key, f"no Optuna storage at {display_url(storage)}")
     quiet_optuna()

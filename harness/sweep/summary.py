@@ -19,7 +19,8 @@ from harness.sweep.spec import (
     Space,
     StudySpec,
 )
-from harness.sweep.storage import Sweep, display_url, make_pruner, make_sampler
+from harness.sweep.storage import Sweep, make_pruner, make_sampler
+from harness.urls import display_url
 
 
 def describe_space(space: Space) -> str:

@@ -17,11 +17,13 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
 from harness import tracking
-from harness.config import TrainConfig, build_train_config, set_dotted
+from harness.config import TrainConfig, build_train_config, set_train_key
 from harness.sweep.bookkeeping import (
     ERROR_ATTR,
     RETRY_ATTR,
     RUN_ATTR,
+    TrialEnd,
+    close_trial_run,
     enqueue_retry,
 )
 from harness.sweep.signals import sigint_deferred
@@ -48,7 +50,7 @@ def trial_config(spec: StudySpec, trial: optuna.Trial) -> TrainConfig:
     """The base config with the trial's value for every search key."""
     tree = spec.train.model_dump()
     for key, space in spec.search.items():
-        set_dotted(tree, key, suggest(trial, key, space), "search")
+        set_train_key(tree, key, suggest(trial, key, space), "search")
     return build_train_config(tree, f"trial {trial.number}")
 
 
@@ -122,25 +124,25 @@ def run_trial(sweep: Sweep, trial: optuna.Trial, listeners: Sequence[TrainListen
     spec, client = sweep.spec, sweep.client
     metrics = [objective.metric for objective in spec.objective_list]
     run_id: str | None = None
-    state, values, error = "COMPLETE", None, None
+    end, values, error = TrialEnd.COMPLETE, None, None
     try:
         with heartbeat(sweep.storage, sweep.study, trial.number, sweep.heartbeat.interval_s):
             retry_of = trial.user_attrs.get(RETRY_ATTR)
-            tags = {"harness.retry_of": str(retry_of)} if retry_of is not None else {}
+            tags = {tracking.RETRY_TAG: str(retry_of)} if retry_of is not None else {}
             run_id = tracking.start_trial_run(client, spec.name, sweep.parent_run_id, trial.number, tags)
             trial.set_user_attr(RUN_ATTR, run_id)
             reporter = ObjectiveReporter(trial, metrics, report=not spec.multi_objective)
             train(trial_config(spec, trial), [tracking.RunLogger(client, run_id), reporter, *listeners])
             values = reporter.values()
     except optuna.TrialPruned:
-        state = "PRUNED"
+        end = TrialEnd.PRUNED
     except KeyboardInterrupt:
         interrupt_trial(sweep, trial, run_id)
         raise
     except Exception as err:  # any error fails this trial only (out of memory too): the sweep goes on
-        state, error = "FAIL", f"{type(err).__name__}: {err}"
+        end, error = TrialEnd.FAIL, f"{type(err).__name__}: {err}"
     with sigint_deferred():
-        end_trial(sweep, trial, run_id, state, values, error)
+        end_trial(sweep, trial, run_id, end, values, error)
     free_memory()
 
 
@@ -148,25 +150,25 @@ def interrupt_trial(sweep: Sweep, trial: optuna.Trial, run_id: str | None) -> No
     """Ctrl-C: the trial fails as interrupted in both stores, and a retry is queued for the next start."""
     with sigint_deferred():
         enqueue_retry(sweep.study, trial)
-        end_trial(sweep, trial, run_id, "INTERRUPTED", error="interrupted")
+        end_trial(sweep, trial, run_id, TrialEnd.INTERRUPTED, error="interrupted")
 
 
 def end_trial(
     sweep: Sweep,
     trial: optuna.Trial,
     run_id: str | None,
-    state: str,
+    end: TrialEnd,
     values: list[float] | None = None,
     error: str | None = None,
 ) -> None:
-    """Tell Optuna how the trial ended (INTERRUPTED is FAIL there), then close its run the same way. A
+    """Tell Optuna how the trial ended, then close its run the same way. A
     trial failed meanwhile as lost (its heartbeat went stale) keeps that end: its retry runs it again."""
     running = sweep.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     if any(t.number == trial.number for t in running):
         if error:
             trial.set_user_attr(ERROR_ATTR, error[:5000])
-        sweep.study.tell(trial, values, state=TrialState.FAIL if state == "INTERRUPTED" else TrialState[state])
+        sweep.study.tell(trial, values, state=end.optuna_state)
     else:
-        state, error = "LOST", "failed as lost meanwhile (its heartbeat went stale); retried"
+        end, error = TrialEnd.LOST, "failed as lost meanwhile (its heartbeat went stale); retried"
     if run_id is not None:
-        tracking.finish_trial_run(sweep.client, run_id, state, error)
+        close_trial_run(sweep.client, run_id, end, error)

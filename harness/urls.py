@@ -1,0 +1,29 @@
+"""Store URLs: the file behind a SQLite URL, relative SQLite paths made absolute, passwords hidden."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+SQLITE = "sqlite:///"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a `sqlite:///PATH` URL; None for any other URL."""
+    return Path(url.removeprefix(SQLITE)) if url.startswith(SQLITE) else None
+
+
+def absolute_url(url: str) -> str:
+    """A SQLite URL with its path made absolute (independent of a later working directory); others as given."""
+    path = sqlite_path(url)
+    return url if path is None or path.is_absolute() else SQLITE + str(path.resolve())
+
+
+def display_url(url: str) -> str:
+    """A URL without its password, fit for tags and messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:  # not a database URL (e.g. http://): nothing to hide
+        return url
