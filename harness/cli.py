@@ -162,18 +162,18 @@ def report_command(
 @click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
 def ui_command(tracking_uri: str | None, host: str, port: int) -> None:
     """Serve the MLflow UI over the project's store until Ctrl-C."""
-    from harness import tracking
+    from harness import server, tracking
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server with us
     try:
-        with tracking.serve_ui(uri, host, port) as server:
-            click.echo(f"MLflow UI over {uri} at {server.url} (Ctrl-C stops it)")
-            for links in tracking.experiment_links(tracking.client_for(uri), server.url):
+        with server.serve_ui(uri, host, port) as ui:
+            click.echo(f"MLflow UI over {uri} at {ui.url} (Ctrl-C stops it)")
+            for links in server.experiment_links(tracking.client_for(uri), ui.url):
                 click.echo(f"  {links.name}: runs {links.runs}")
                 if links.compare:
                     click.echo(f"  {links.name}: compare trials {links.compare}")
-            code = server.process.wait()
+            code = ui.process.wait()
     except KeyboardInterrupt:
         return  # Ctrl-C, at any moment: the server stopped as the block ended
     finally:
