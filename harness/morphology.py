@@ -9,7 +9,9 @@ read from that ink mask:
   Positive: the top of the digit leans right, as in italics; a vertical bar sheared so that
   its top moves right by tan(a) per unit of height has slant a.
 - thickness (pixels of the input image): the mean stroke width, twice the mean Euclidean
-  distance from the ink's skeleton to the nearest background pixel.
+  distance from the ink's skeleton (skimage's thinning) to the nearest background pixel, as
+  Morpho-MNIST. Ink area over skeleton pixels would read a diagonal stroke up to √2 too thick
+  and short strokes too thick (their skeleton stops short of their ends).
 - width (pixels of the input image): the horizontal extent of the ink once the slant is
   sheared away (x - shear·(y - centre)), between its WIDTH_TRIM and 1 - WIDTH_TRIM quantiles
   so that a few stray pixels do not count, plus one pixel (a single column is 1 wide).
@@ -26,8 +28,8 @@ from skimage import measure, morphology, transform
 PROPERTIES = ("slant", "thickness", "width")  # the columns of `measure_digits`
 INK_THRESHOLD = 0.5  # ink: intensity >= half of full scale (uint8: >= 127.5 / 255)
 # Measured on a 2x bilinear upsampling: at 28x28 a binarised stroke is a whole number of pixels
-# wide, so thickness would move in 1-pixel steps; 2x halves that step for ~0.5 ms an image
-# (Morpho-MNIST upsamples 4x, which costs ~4x more; see benchmarks/morphology_cost.py).
+# wide, so thickness and width would move in 1-pixel steps; 2x halves the step for ~0.5 ms an
+# image (benchmarks/README.md). Morpho-MNIST upsamples 4x, which cost ~2.5x more in a trial here.
 UPSAMPLE = 2
 WIDTH_TRIM = 0.01  # the ink left out on each side of the width (Morpho-MNIST: 2 % in all)
 
