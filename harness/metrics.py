@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+from scipy.stats import spearmanr
 
 
 def contingency(codes: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -45,3 +47,81 @@ def mutual_information_bound(cross_entropy: float, n_categories: int) -> float:
 def uniform_entropy(low: float = -1.0, high: float = 1.0) -> float:
     """Differential entropy of Unif(low, high), in nats."""
     return math.log(high - low)
+
+
+# Continuous codes against measured image properties (harness.morphology): Spearman ρ of each
+# code with each property, on generated sweeps and through Q on real digits.
+
+MIN_PAIRS = 3  # below this many finite pairs a rank correlation carries no information
+
+
+def spearman_rho(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman ρ of two (N,) samples over the pairs where both are finite; 0 where it is
+    undefined (fewer than MIN_PAIRS such pairs, or either side constant on them)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    finite = np.isfinite(x) & np.isfinite(y)
+    x, y = x[finite], y[finite]
+    if len(x) < MIN_PAIRS or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return 0.0
+    return float(spearmanr(x, y).statistic)
+
+
+def spearman_matrix(codes: np.ndarray, properties: np.ndarray) -> np.ndarray:
+    """(N, J) codes and (N, P) properties -> (J, P) Spearman ρ; each pair uses the rows where
+    both are finite (a NaN property drops that row for that property only)."""
+    codes, properties = np.asarray(codes), np.asarray(properties)
+    n_codes, n_properties = codes.shape[1], properties.shape[1]
+    rho = np.zeros((n_codes, n_properties))
+    for j in range(n_codes):
+        for p in range(n_properties):
+            rho[j, p] = spearman_rho(codes[:, j], properties[:, p])
+    return rho
+
+
+def sweep_spearman(values: np.ndarray, properties: np.ndarray) -> np.ndarray:
+    """ρ of one swept code with each property: (V,) code values and (R, V, P) properties, where
+    properties[r, v] belongs to the image of noise row r (everything but the code held) at
+    values[v] -> (P,) the mean over rows of the within-row Spearman ρ. Within a row only the
+    code moves, so the digit-to-digit spread of a property does not dilute ρ. A row with fewer
+    than MIN_PAIRS finite values of a property (blank images) is left out for that property;
+    with no row left, ρ is 0."""
+    values, properties = np.asarray(values, dtype=np.float64), np.asarray(properties, dtype=np.float64)
+    if properties.ndim != 3 or properties.shape[1] != len(values):
+        raise ValueError(f"expected properties of shape (R, {len(values)}, P), got {properties.shape}")
+    rho = np.zeros(properties.shape[2])
+    for p in range(properties.shape[2]):
+        rows = [row for row in properties[:, :, p] if np.isfinite(row).sum() >= MIN_PAIRS]  # each (V,)
+        if rows:
+            rho[p] = np.mean([spearman_rho(values, row) for row in rows])
+    return rho
+
+
+def exclusivity_gap(rho: np.ndarray) -> float:
+    """How exclusively codes map to properties, in [0, 1] (a MIG-style gap): (J, P) ρ of codes
+    with properties -> per property, the largest |ρ| over codes minus the second largest,
+    averaged over properties. A code with |ρ| = 0 everywhere stands in as the runner-up, so
+    with a single code a property's gap is its |ρ| (1 when the code drives it perfectly, 0
+    when not at all). One code may drive several properties (as in MIG, which scores factors)."""
+    magnitude = np.abs(np.asarray(rho, dtype=np.float64))  # (J, P)
+    if magnitude.ndim != 2 or magnitude.shape[0] == 0:
+        raise ValueError(f"expected a (J, P) matrix with J >= 1, got shape {magnitude.shape}")
+    ranked = np.sort(np.vstack([magnitude, np.zeros(magnitude.shape[1])]), axis=0)  # (J + 1, P), ascending
+    return float(np.mean(ranked[-1] - ranked[-2]))
+
+
+def continuous_code_metrics(con_rho: np.ndarray, q_rho: np.ndarray, properties: Sequence[str]) -> dict[str, float]:
+    """The continuous codes' metrics from two (J, P) ρ matrices, columns named `properties`:
+    con_rho, each code swept in generated images; q_rho, Q's mean for each code on real digits.
+    Keys: eval/con_rho/c{j}/{property} and eval/q_rho/c{j}/{property} (signed ρ),
+    eval/con_rho/c{j} and eval/q_rho/c{j} (the largest |ρ| of code j), and eval/con_gap
+    (exclusivity_gap of con_rho): 2·J·(P + 1) + 1 keys."""
+    con_rho, q_rho = np.asarray(con_rho, dtype=np.float64), np.asarray(q_rho, dtype=np.float64)
+    if con_rho.ndim != 2 or con_rho.shape[1] != len(properties) or q_rho.shape != con_rho.shape:
+        raise ValueError(f"expected two (J, {len(properties)}) matrices, got {con_rho.shape} and {q_rho.shape}")
+    values: dict[str, float] = {}
+    for prefix, rho in (("eval/con_rho", con_rho), ("eval/q_rho", q_rho)):
+        for j, code_rho in enumerate(rho):  # (P,)
+            values.update({f"{prefix}/c{j}/{name}": float(r) for name, r in zip(properties, code_rho, strict=True)})
+            values[f"{prefix}/c{j}"] = float(np.abs(code_rho).max())
+    values["eval/con_gap"] = exclusivity_gap(con_rho)
+    return values

@@ -10,9 +10,14 @@ import pytest
 from harness.metrics import (
     categorical_entropy,
     contingency,
+    continuous_code_metrics,
+    exclusivity_gap,
     hungarian_accuracy,
     majority_accuracy,
     mutual_information_bound,
+    spearman_matrix,
+    spearman_rho,
+    sweep_spearman,
     uniform_entropy,
 )
 
@@ -65,3 +70,122 @@ def test_entropies_and_bound() -> None:
     assert mutual_information_bound(0.0, 10) == pytest.approx(math.log(10))  # perfect Q: the bound meets H(c)
     assert mutual_information_bound(math.log(10), 10) == pytest.approx(0.0)  # uniform Q: no information
     assert uniform_entropy() == pytest.approx(math.log(2))
+
+
+# Continuous codes against image properties: Spearman ρ, the sweep, the exclusivity gap.
+
+T = np.linspace(-2.0, 2.0, 9)  # (9,) a code's values
+
+
+def test_rho_of_monotone_antitone_and_constant_inputs() -> None:
+    assert spearman_rho(T, np.exp(T)) == pytest.approx(1.0)  # any increasing map, not only linear
+    assert spearman_rho(T, -(T**3)) == pytest.approx(-1.0)
+    assert spearman_rho(T, np.full_like(T, 2.5)) == 0.0  # constant: 0, not NaN
+    assert spearman_rho(np.zeros_like(T), T) == 0.0
+
+
+def test_rho_hand_worked() -> None:
+    # ranks (1, 3, 2, 4) against (1, 2, 3, 4): sum d² = 2, ρ = 1 - 6·2 / (4·15) = 0.8
+    assert spearman_rho(np.array([1.0, 2.0, 3.0, 4.0]), np.array([10.0, 30.0, 20.0, 40.0])) == pytest.approx(0.8)
+
+
+def test_rho_drops_nan_pairs_and_is_zero_without_enough_of_them() -> None:
+    y = np.exp(T)
+    y[[1, 4]] = np.nan
+    assert spearman_rho(T, y) == pytest.approx(1.0)
+    assert spearman_rho(T[:3], np.array([1.0, np.nan, 3.0])) == 0.0  # two pairs left
+    assert spearman_rho(T, np.full_like(T, np.nan)) == 0.0
+
+
+def test_rho_matrix_pairs_every_code_with_every_property() -> None:
+    codes = np.stack([T, -T], axis=1)  # (9, 2)
+    thickness = -T.copy()
+    thickness[[0, 8]] = np.nan  # blank images: dropped for this property only
+    properties = np.stack([T**3, np.full_like(T, 1.0), thickness], axis=1)  # (9, 3)
+    rho = spearman_matrix(codes, properties)
+    assert rho.shape == (2, 3)
+    assert rho == pytest.approx(np.array([[1.0, 0.0, -1.0], [-1.0, 0.0, 1.0]]))
+    assert spearman_matrix(codes[:, :0], properties).shape == (0, 3)
+
+
+def test_sweep_rho_is_within_rows_so_digit_offsets_do_not_dilute_it() -> None:
+    values = np.linspace(-2.0, 2.0, 5)  # (V,)
+    offsets = np.array([100.0, 0.0, 50.0])[:, None]  # three digits of very different widths
+    width = offsets + 0.1 * values  # (R, V): the code widens every digit a little
+    slant = offsets - values
+    constant = np.zeros_like(width)
+    properties = np.stack([slant, constant, width], axis=2)  # (3, 5, 3)
+    assert sweep_spearman(values, properties) == pytest.approx([-1.0, 0.0, 1.0])
+    pooled = spearman_matrix(np.tile(values, 3)[:, None], properties.reshape(15, 3))
+    assert abs(pooled[0, 2]) < 0.5  # the same images, pooled: the digit-to-digit spread dominates
+
+
+def test_sweep_rho_hand_worked_mean_over_rows_and_blank_rows_left_out() -> None:
+    values = np.arange(5.0)
+    rows = np.array(
+        [
+            [1.0, 2.0, 3.0, 4.0, 5.0],  # ρ = 1
+            [1.0, 3.0, 2.0, 4.0, 5.0],  # one swap: ρ = 1 - 6·2 / (5·24) = 0.9
+            [np.nan] * 5,  # a blank row: left out, not counted as 0
+            [np.nan, np.nan, np.nan, 1.0, 2.0],  # two finite values: left out
+        ]
+    )
+    assert sweep_spearman(values, rows[:, :, None]) == pytest.approx([0.95])
+    assert sweep_spearman(values, rows[2:, :, None]) == pytest.approx([0.0])  # nothing left: 0
+
+
+def test_sweep_rho_refuses_a_grid_that_does_not_match_the_values() -> None:
+    with pytest.raises(ValueError, match=r"\(R, 5, P\)"):
+        sweep_spearman(np.arange(5.0), np.zeros((3, 4, 3)))
+
+
+def test_gap_extremes() -> None:
+    assert exclusivity_gap(np.eye(3)) == pytest.approx(1.0)  # one code per property
+    assert exclusivity_gap(-np.eye(3)[[2, 0, 1]]) == pytest.approx(1.0)  # signs and order do not matter
+    assert exclusivity_gap(np.full((3, 3), 0.8)) == pytest.approx(0.0)  # every code drives everything
+    assert exclusivity_gap(np.zeros((2, 3))) == pytest.approx(0.0)  # nothing driven
+
+
+def test_gap_with_a_single_code_is_its_rho() -> None:
+    assert exclusivity_gap(np.ones((1, 3))) == pytest.approx(1.0)
+    assert exclusivity_gap(np.zeros((1, 3))) == pytest.approx(0.0)
+    assert exclusivity_gap(np.array([[0.9, -0.3, 0.0]])) == pytest.approx(0.4)  # (0.9 + 0.3 + 0) / 3
+
+
+def test_gap_hand_worked() -> None:
+    rho = np.array([[0.9, 0.2, 0.5], [-0.3, 0.6, 0.5]])
+    # slant 0.9 - 0.3 = 0.6, thickness 0.6 - 0.2 = 0.4, width 0.5 - 0.5 = 0: mean 1/3
+    assert exclusivity_gap(rho) == pytest.approx(1 / 3)
+
+
+def test_continuous_code_metrics_names_and_values() -> None:
+    names = ("slant", "thickness", "width")
+    con_rho = np.array([[-0.9, 0.2, 0.1], [0.3, 0.6, 0.7]])
+    q_rho = np.array([[0.5, 0.0, -0.8], [0.1, 0.2, 0.3]])
+    values = continuous_code_metrics(con_rho, q_rho, names)
+    assert len(values) == 4 * 2 * 2 + 1
+    assert values["eval/con_rho/c0/slant"] == pytest.approx(-0.9)  # signed
+    assert values["eval/con_rho/c1/width"] == pytest.approx(0.7)
+    assert values["eval/q_rho/c0/width"] == pytest.approx(-0.8)
+    assert values["eval/con_rho/c0"] == pytest.approx(0.9)  # the largest |ρ|
+    assert values["eval/con_rho/c1"] == pytest.approx(0.7)
+    assert values["eval/q_rho/c0"] == pytest.approx(0.8)
+    assert values["eval/q_rho/c1"] == pytest.approx(0.3)
+    assert values["eval/con_gap"] == pytest.approx(((0.9 - 0.3) + (0.6 - 0.2) + (0.7 - 0.1)) / 3)
+    assert sorted(values) == sorted(
+        [
+            *("eval/con_rho/c0", "eval/con_rho/c0/slant", "eval/con_rho/c0/thickness", "eval/con_rho/c0/width"),
+            *("eval/con_rho/c1", "eval/con_rho/c1/slant", "eval/con_rho/c1/thickness", "eval/con_rho/c1/width"),
+            *("eval/q_rho/c0", "eval/q_rho/c0/slant", "eval/q_rho/c0/thickness", "eval/q_rho/c0/width"),
+            *("eval/q_rho/c1", "eval/q_rho/c1/slant", "eval/q_rho/c1/thickness", "eval/q_rho/c1/width"),
+            "eval/con_gap",
+        ]
+    )
+
+
+def test_continuous_code_metrics_refuses_mismatched_matrices() -> None:
+    names = ("slant", "thickness", "width")
+    with pytest.raises(ValueError, match="expected two"):
+        continuous_code_metrics(np.zeros((2, 3)), np.zeros((1, 3)), names)
+    with pytest.raises(ValueError, match="expected two"):
+        continuous_code_metrics(np.zeros((2, 2)), np.zeros((2, 2)), names)
