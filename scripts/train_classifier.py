@@ -45,11 +45,11 @@ def load_data(root: Path) -> tuple[Dataset, torch.Tensor]:
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A random rotation, scale and shift of each image (B, 1, 28, 28); uncovered pixels are background (0)."""
-    draws = torch.rand(len(images), 5, generator=generator) * 2 - 1  # (B, 5) in [-1, 1]
+    draws = torch.rand(len(images), 4, generator=generator) * 2 - 1  # (B, 4) in [-1, 1]: angle, zoom, shift x, y
     angle = draws[:, 0] * math.radians(MAX_ROTATION_DEG)
     zoom = 1 + draws[:, 1] * MAX_SCALE_CHANGE
     shift = draws[:, 2:4] * MAX_SHIFT_PX * 2 / 28  # pixels -> affine_grid's [-1, 1] coordinates
-    # theta maps each output pixel to where it samples the input: rotate by -angle, shrink by zoom
+    # theta maps each output pixel to the input point it samples: the inverse of rotating and zooming
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos, sin, -shift[:, 0]], 1), torch.stack([-sin, cos, -shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (B, 28, 28, 2)
