@@ -57,7 +57,9 @@ def main() -> None:
     latent = spec.sample(args.generated, torch.Generator().manual_seed(args.seed), torch.device("cpu"))
 
     def real_features() -> torch.Tensor:  # (1996, 84), in the trainer's evaluation chunks
-        return torch.cat([classifier.features(as_float_images(chunk))[0] for chunk in data.test_images.split(EVAL_CHUNK)])
+        return torch.cat(
+            [classifier.features(as_float_images(chunk))[0] for chunk in data.test_images.split(EVAL_CHUNK)]
+        )
 
     def generate() -> torch.Tensor:  # (N, 1, 28, 28) in [0, 1]
         return torch.cat([generator(chunk) for chunk in latent.vector.split(EVAL_CHUNK)])
