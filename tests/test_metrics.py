@@ -12,6 +12,8 @@ from harness.metrics import (
     contingency,
     continuous_code_metrics,
     exclusivity_gap,
+    frechet_distance,
+    generated_purity,
     hungarian_accuracy,
     majority_accuracy,
     mutual_information_bound,
@@ -189,3 +191,97 @@ def test_continuous_code_metrics_refuses_mismatched_matrices() -> None:
         continuous_code_metrics(np.zeros((2, 3)), np.zeros((1, 3)), names)
     with pytest.raises(ValueError, match="expected two"):
         continuous_code_metrics(np.zeros((2, 2)), np.zeros((2, 2)), names)
+
+
+# Sample quality: Fréchet distance and the purity of generated categories
+
+
+def standardised(n: int, seed: int) -> np.ndarray:
+    """(n, 1) samples with mean 0 and sample std (ddof 1) 1, up to rounding."""
+    x = np.random.default_rng(seed).normal(size=(n, 1))
+    return (x - x.mean()) / x.std(ddof=1)
+
+
+def correlated(n: int, d: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)) @ rng.normal(size=(d, d))  # (n, d), a full covariance
+
+
+def test_frechet_distance_of_1d_gaussians_is_the_mean_and_std_gaps_squared() -> None:
+    a = 1.5 + 2.0 * standardised(500, seed=0)  # mu 1.5, sigma 2
+    b = -0.5 + 0.5 * standardised(300, seed=1)  # mu -0.5, sigma 0.5
+    assert frechet_distance(a, b) == pytest.approx((1.5 + 0.5) ** 2 + (2.0 - 0.5) ** 2)  # 6.25
+
+
+def test_identical_sets_are_at_distance_zero() -> None:
+    x = correlated(400, 16, seed=0)
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_shifted_set_is_at_the_shift_squared() -> None:
+    x = correlated(400, 16, seed=0)
+    shift = np.linspace(-1.0, 2.0, 16)
+    assert frechet_distance(x, x + shift) == pytest.approx(shift @ shift)  # same covariance: only the means differ
+
+
+def test_dead_units_change_nothing() -> None:
+    # features that are 0 in both sets (dead ReLU units) make both covariances singular
+    a, b = np.maximum(correlated(300, 12, seed=0), 0), np.maximum(correlated(200, 12, seed=1) + 0.5, 0)
+    with_dead = np.zeros((300, 20)), np.zeros((200, 20))
+    with_dead[0][:, 8:], with_dead[1][:, 8:] = a, b
+    assert frechet_distance(*with_dead) == pytest.approx(frechet_distance(a, b), rel=1e-9)
+
+
+def test_fewer_samples_than_dimensions_still_gives_the_shift_squared() -> None:
+    x = correlated(10, 84, seed=0)  # covariance of rank 9 in 84 dimensions
+    shift = np.full(84, 0.25)
+    # the square roots of the 75 rounding-level eigenvalues add up: the error scales with tr(C), ~7,000 here
+    total_variance = np.sum(x.var(axis=0, ddof=1))
+    assert frechet_distance(x, x + shift) == pytest.approx(shift @ shift, abs=1e-6 * total_variance)
+
+
+def test_a_collapsed_set_is_at_the_mean_gap_plus_the_other_sets_variance() -> None:
+    # every generated image alike: its covariance is 0 up to rounding, and sqrtm of C_a C_b has no answer
+    a = np.maximum(correlated(500, 84, seed=0), 0)
+    one = np.maximum(np.random.default_rng(1).normal(size=84), 0)
+    collapsed = np.repeat(one[None], 300, axis=0)
+    expected = np.sum((a.mean(axis=0) - one) ** 2) + np.sum(a.var(axis=0, ddof=1))
+    assert frechet_distance(a, collapsed) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(collapsed, a) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_refuses_mismatched_or_too_small_sets() -> None:
+    with pytest.raises(ValueError):
+        frechet_distance(np.zeros((10, 3)), np.zeros((10, 4)))
+    with pytest.raises(ValueError):
+        frechet_distance(np.zeros((1, 3)), np.zeros((10, 3)))
+
+
+CATEGORIES = np.repeat(np.arange(10), 20)  # 10 categories, 20 generated images each
+
+
+def test_purity_of_a_code_whose_every_category_draws_its_own_digit() -> None:
+    predicted = (CATEGORIES * 3 + 7) % 10  # a bijection of the categories onto the digits
+    assert generated_purity(CATEGORIES, predicted) == (1.0, 10)
+
+
+def test_every_category_drawing_the_same_digit_covers_one() -> None:
+    # pure categories, yet a collapsed code: coverage is what tells
+    assert generated_purity(CATEGORIES, np.full_like(CATEGORIES, 4)) == (1.0, 1)
+
+
+def test_purity_by_hand_with_a_tie_and_unequal_categories() -> None:
+    categories = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2])
+    predicted = np.array([4, 4, 4, 9, 9, 4, 7, 7, 7])
+    # category 0: 3 of 4 are 4s; category 1: one 9, one 4, the tie goes to 4; category 2: all 7s
+    purity, covered = generated_purity(categories, predicted)
+    assert purity == pytest.approx((3 / 4 + 1 / 2 + 3 / 3) / 3)  # each category weighs the same
+    assert covered == 2  # majority digits {4, 7}: the 9s have no category of their own
+
+
+def test_categories_that_drew_no_image_are_left_out() -> None:
+    # categories 1 and 2 drew nothing: they neither dilute purity nor count as covering a digit
+    assert generated_purity(np.array([0, 0, 3, 3, 3]), np.array([1, 1, 2, 2, 5])) == (
+        pytest.approx((2 / 2 + 2 / 3) / 2),
+        2,
+    )
