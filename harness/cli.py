@@ -33,7 +33,9 @@ class ProgressBar(TrainListener):
         self.progress.update(self.task, total=cfg.steps, description=f"train on {info.device} ({info.data_source})")
 
     def on_log(self, step: int, values: dict[str, float]) -> None:
-        status = f"D {values['loss/d']:.3f}  G {values['loss/g']:.3f}  info {values['loss/info']:.3f}  acc {self.cat_acc}"
+        status = (
+            f"D {values['loss/d']:.3f}  G {values['loss/g']:.3f}  info {values['loss/info']:.3f}  acc {self.cat_acc}"
+        )
         self.progress.update(self.task, completed=step, status=status)
 
     def on_eval(self, evaluation: Evaluation) -> None:
@@ -97,6 +99,8 @@ def train_command(
     summary = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith("eval/")}
     click.echo(f"run {run.run_id} finished in {result.seconds:.0f}s on {result.info.device}: {json.dumps(summary)}")
     click.echo(f"MLflow store: {client.tracking_uri}")
+
+
 @main.command("bench")
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=2))
 @click.option("--steps", default=30, show_default=True, type=click.IntRange(min=1), help="Timed steps after warm-up.")
@@ -116,11 +120,17 @@ def bench_command(batch_size: int, steps: int, device: str) -> None:
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (beats the file's and MLFLOW_TRACKING_URI).")
 @click.option("-o", "--output", default=None, metavar="FILE", help="Table file, - for stdout. [default: <study>.csv]")
 @click.option(
-    "--format", "fmt", type=click.Choice(["csv", "markdown", "json"]), default=None,
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "markdown", "json"]),
+    default=None,
     help="Table format. [default: from FILE's suffix (.md, .json), else csv]",
 )
 @click.option(
-    "--plots", type=click.Path(path_type=Path, file_okay=False), default=None, metavar="DIR",
+    "--plots",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    metavar="DIR",
     help="Also write Optuna's plots here (HTML and PNG) and log them to the study's parent run.",
 )
 def report_command(

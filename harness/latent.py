@@ -44,8 +44,12 @@ class LatentSpec:
     def sample(self, batch: int, generator: torch.Generator, device: torch.device) -> Latent:
         """Noise and continuous codes ~ Unif(-1, 1) (the official code), categories ~ Cat(K) uniform."""
         noise = torch.rand(batch, self.noise, generator=generator, device=device) * 2 - 1
-        categories = torch.stack(
-            [torch.randint(k, (batch,), generator=generator, device=device) for k in self.categorical], dim=1
-        ) if self.categorical else torch.zeros(batch, 0, dtype=torch.long, device=device)
+        categories = (
+            torch.stack(
+                [torch.randint(k, (batch,), generator=generator, device=device) for k in self.categorical], dim=1
+            )
+            if self.categorical
+            else torch.zeros(batch, 0, dtype=torch.long, device=device)
+        )
         continuous = torch.rand(batch, self.continuous, generator=generator, device=device) * 2 - 1
         return self.build(noise, categories, continuous)

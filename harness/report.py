@@ -47,9 +47,7 @@ class LoadedStudy:
     table: pd.DataFrame  # trials_table
 
 
-def load_report(
-    study_file: Path, study_name: str | None, storage: str | None, tracking_uri: str | None
-) -> LoadedStudy:
+def load_report(study_file: Path, study_name: str | None, storage: str | None, tracking_uri: str | None) -> LoadedStudy:
     """The study named by the file (or `--study`) from its Optuna storage, with its MLflow runs."""
     spec = load_study_spec(study_file, storage=storage, tracking_uri=tracking_uri)
     name = study_name or spec.name
@@ -186,4 +184,3 @@ def log_plots(client: MlflowClient, runs: list[dict[str, Any]], paths: list[Path
     if parent is not None:
         tracking.log_files(client, parent, paths, PLOTS_ARTIFACT_PATH)  # beside the sweep's PNGs of the same names
     return parent
-

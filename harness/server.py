@@ -53,7 +53,9 @@ def experiment_links(client: MlflowClient, base_url: str) -> list[ExperimentLink
         if experiment.name == "Default" and not client.search_runs([experiment.experiment_id], max_results=1):
             continue
         runs = client.search_runs(
-            [experiment.experiment_id], "attributes.status = 'FINISHED'", max_results=COMPARE_LIMIT,
+            [experiment.experiment_id],
+            "attributes.status = 'FINISHED'",
+            max_results=COMPARE_LIMIT,
             order_by=["attributes.start_time DESC"],
         )
         trials = [run.info.run_id for run in runs if STUDY_TAG in run.data.tags]

@@ -176,10 +176,7 @@ def tracked_run(
         end_run(client, run_id, RunStatus.to_string(RunStatus.FINISHED))
 
 
-
-
 # --- reading runs ---
-
 
 
 def store_exists(uri: str) -> bool:
@@ -196,8 +193,11 @@ def study_trial_runs(client: MlflowClient, experiment: str, study: str, filter_s
     token: str | None = None
     while True:
         page = client.search_runs(
-            [found.experiment_id], filter_string, max_results=1000,
-            order_by=["attributes.start_time DESC"], page_token=token,
+            [found.experiment_id],
+            filter_string,
+            max_results=1000,
+            order_by=["attributes.start_time DESC"],
+            page_token=token,
         )
         yield from (run for run in page if run.data.tags.get(STUDY_TAG) == study)
         token = page.token
@@ -224,25 +224,8 @@ def log_files(client: MlflowClient, run_id: str, paths: list[Path], artifact_pat
         client.log_artifact(run_id, str(path), artifact_path=artifact_path)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # --- sweeps: parent and child runs ---
+
 
 def open_study_run(
     client: MlflowClient, study: str, run_id: str | None, params: Mapping[str, Any], tags: Mapping[str, str]
@@ -286,9 +269,7 @@ def finish_study_run(
     end_run(client, run_id, status, tags)
 
 
-def start_trial_run(
-    client: MlflowClient, study: str, parent_run_id: str, number: int, tags: Mapping[str, str]
-) -> str:
+def start_trial_run(client: MlflowClient, study: str, parent_run_id: str, number: int, tags: Mapping[str, str]) -> str:
     """A trial's child run `trial-0007` with param `trial`; the config's params come with RunLogger."""
     experiment_id = ensure_experiment(client, study)
     run_tags = {STUDY_TAG: study, TRIAL_TAG: str(number), **tags}

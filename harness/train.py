@@ -113,9 +113,11 @@ class InfoGANTrainer:
         q_out = q_out.float()
         n_logits = sum(self.spec.categorical)
         logits = q_out[:, :n_logits].split(list(self.spec.categorical), dim=1)
-        ce = torch.stack(
-            [F.cross_entropy(code_logits, latent.categories[:, i]) for i, code_logits in enumerate(logits)]
-        ) if logits else q_out.new_zeros(0)
+        ce = (
+            torch.stack([F.cross_entropy(code_logits, latent.categories[:, i]) for i, code_logits in enumerate(logits)])
+            if logits
+            else q_out.new_zeros(0)
+        )
         mean, log_std = q_out[:, n_logits:].chunk(2, dim=1)  # (B, n_con) each
         if self.cfg.loss.continuous_std == "fixed":
             log_std = torch.zeros_like(log_std)
@@ -192,7 +194,11 @@ class InfoGANTrainer:
     def weights(self) -> dict[str, object]:
         parts = ("generator", "trunk", "d_head", "q_head")
         state = {name: getattr(self.model, name).state_dict() for name in parts}
-        spec = {"noise": self.spec.noise, "categorical": list(self.spec.categorical), "continuous": self.spec.continuous}
+        spec = {
+            "noise": self.spec.noise,
+            "categorical": list(self.spec.categorical),
+            "continuous": self.spec.continuous,
+        }
         return {**state, "latent": spec}
 
 

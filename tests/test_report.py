@@ -85,15 +85,31 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, optuna.Study
     """Five trials that ran (complete, pruned, failed, one without a run) and a surplus one; read only."""
     params = [{"loss.lambda_cat": 0.2 * (i + 1), "optim.lr_g": 1e-4 * (i + 1)} for i in range(7)]
     trials = [
-        {"state": TrialState.COMPLETE, "values": [0.5], "params": params[0],
-         "steps": {6: {"eval/cat_acc": 0.3, "loss/d": 1.0}, 12: {"eval/cat_acc": 0.5, "loss/d": 0.9}}},
-        {"state": TrialState.COMPLETE, "values": [0.8], "params": params[1],
-         "steps": {6: {"eval/cat_acc": 0.9, "loss/d": 1.1}, 12: {"eval/cat_acc": 0.8, "loss/d": 0.7}}},
+        {
+            "state": TrialState.COMPLETE,
+            "values": [0.5],
+            "params": params[0],
+            "steps": {6: {"eval/cat_acc": 0.3, "loss/d": 1.0}, 12: {"eval/cat_acc": 0.5, "loss/d": 0.9}},
+        },
+        {
+            "state": TrialState.COMPLETE,
+            "values": [0.8],
+            "params": params[1],
+            "steps": {6: {"eval/cat_acc": 0.9, "loss/d": 1.1}, 12: {"eval/cat_acc": 0.8, "loss/d": 0.7}},
+        },
         {"state": TrialState.PRUNED, "params": params[2], "steps": {6: {"eval/cat_acc": 0.1, "loss/d": 1.3}}},
-        {"state": TrialState.FAIL, "params": params[3], "error": "DivergenceError: non-finite loss",
-         "run_error": "DivergenceError: non-finite loss at step 6"},
-        {"state": TrialState.COMPLETE, "values": [0.2], "params": params[4],
-         "steps": {12: {"eval/cat_acc": 0.2, "loss/d": 1.2}}},
+        {
+            "state": TrialState.FAIL,
+            "params": params[3],
+            "error": "DivergenceError: non-finite loss",
+            "run_error": "DivergenceError: non-finite loss at step 6",
+        },
+        {
+            "state": TrialState.COMPLETE,
+            "values": [0.2],
+            "params": params[4],
+            "steps": {12: {"eval/cat_acc": 0.2, "loss/d": 1.2}},
+        },
         {"state": TrialState.FAIL, "params": params[5], "error": "OSError: disk full", "no_run": True},
         {"state": TrialState.FAIL, "params": params[6], "surplus": True, "no_run": True},  # never ran
     ]
@@ -214,7 +230,9 @@ def test_report_of_a_real_sweep(sweep: SweepStore, tmp_path: Path) -> None:
         assert not any(math.isnan(row[f"metric.{name}"]) for name in LOG_METRICS + EVAL_METRICS)
     assert f"{len(study.trials)} trials ({len(study.trials)} COMPLETE); maximize eval/cat_acc" in result.stderr
     assert f"best parameters (trial {study.best_trial.number}): loss.lambda_cat=" in result.stderr
-    names = {f"{stem}.{ext}" for stem in (*PLOTS, "intermediate_values") for ext in ("html", "png")}  # its trials report
+    names = {
+        f"{stem}.{ext}" for stem in (*PLOTS, "intermediate_values") for ext in ("html", "png")
+    }  # its trials report
     assert {path.name for path in plots.iterdir()} == names
     parent = study.user_attrs["mlflow_parent_run_id"]
     logged = {Path(a.path).name for a in client.list_artifacts(parent, "plots")}

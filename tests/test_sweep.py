@@ -278,7 +278,9 @@ def test_two_workers_share_one_storage(tmp_path: Path, optuna_storage: str, trac
     assert_nothing_running(trials, children, parent)
 
 
-def open_sweep(tmp_path: Path, storage: str, tracking_uri: str, heartbeat: sweep_storage.Heartbeat) -> sweep_storage.Sweep:
+def open_sweep(
+    tmp_path: Path, storage: str, tracking_uri: str, heartbeat: sweep_storage.Heartbeat
+) -> sweep_storage.Sweep:
     """A study and its parent run as `harness sweep` opens them, for the bookkeeping tests below."""
     spec = load_study_spec(write_study(tmp_path, "book", 2, LAMBDA_SEARCH), storage=storage, tracking_uri=tracking_uri)
     optuna_storage = sweep_storage.open_storage(storage, heartbeat)

@@ -185,11 +185,14 @@ def test_fixed_std_takes_log_std_as_zero(tmp_path: Path) -> None:
     half_log_2pi = 0.5 * math.log(2 * math.pi)
     # ½(c - μ)² per code (|c - μ|: 0.4 and 0.55, then 0.5 and 0.75) and ½·log 2π, summed over codes, batch mean
     by_hand_fixed = ((0.5 * 0.4**2 + 0.5 * 0.55**2) + (0.5 * 0.5**2 + 0.5 * 0.75**2)) / 2 + 2 * half_log_2pi
-    by_hand_learned = sum(
-        0.5 * ((c - m) / math.exp(s)) ** 2 + s + half_log_2pi
-        for row in range(2)
-        for c, m, s in zip(codes[row], means[row], log_stds[row])
-    ) / 2
+    by_hand_learned = (
+        sum(
+            0.5 * ((c - m) / math.exp(s)) ** 2 + s + half_log_2pi
+            for row in range(2)
+            for c, m, s in zip(codes[row], means[row], log_stds[row])
+        )
+        / 2
+    )
     assert fixed.info_terms(q_out, latent)[1].item() == pytest.approx(by_hand_fixed)
     assert learned.info_terms(q_out, latent)[1].item() == pytest.approx(by_hand_learned)
     assert abs(by_hand_learned - by_hand_fixed) > 1.0
@@ -203,7 +206,9 @@ def test_codes_come_from_the_papers_distributions() -> None:
     assert latent.continuous.min() >= -1 and latent.continuous.max() <= 1  # Unif(-1, 1)
     assert latent.continuous.mean().abs() < 0.02 and latent.continuous.var().sub(1 / 3).abs() < 0.01
     one_hot = latent.vector[:, 62:72]
-    assert torch.equal(one_hot.argmax(dim=1), latent.categories[:, 0]) and torch.equal(one_hot.sum(1), torch.ones(20000))
+    assert torch.equal(one_hot.argmax(dim=1), latent.categories[:, 0]) and torch.equal(
+        one_hot.sum(1), torch.ones(20000)
+    )
 
 
 def test_non_finite_losses_raise_divergence(tiny_cfg: TrainConfig) -> None:

@@ -47,7 +47,11 @@ def start_ui(args: list[str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
     """`harness ui` in its own process group (it, `mlflow server` and uvicorn), output to `log`."""
     with log.open("wb") as out:
         return subprocess.Popen(
-            [HARNESS, "ui", *args], cwd=cwd, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
+            [HARNESS, "ui", *args],
+            cwd=cwd,
+            env=clean_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 

@@ -70,7 +70,10 @@ def run_sweep(spec: StudySpec, study_file: Path, workers: int, console: Console)
             with sigint_ignored():
                 recover(sweep)
                 tracking.end_run(
-                    client, parent, RunStatus.to_string(RunStatus.FAILED), {tracking.ERROR_TAG: f"{type(err).__name__}: {err}"}
+                    client,
+                    parent,
+                    RunStatus.to_string(RunStatus.FAILED),
+                    {tracking.ERROR_TAG: f"{type(err).__name__}: {err}"},
                 )
             raise
     with sigint_ignored():
