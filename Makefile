@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install sweep test test-fast bench clean
+.PHONY: install sweep test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,11 @@ test: install
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check harness tests benchmarks scripts
+	$(BIN)/ruff format --check harness tests benchmarks scripts
+	$(BIN)/mypy harness scripts benchmarks
 
 bench: install
 	$(BIN)/harness bench --batch-size 64

@@ -1,6 +1,7 @@
 """eval/cat_acc against wall time for one config on this machine.
 
-    .venv/bin/python benchmarks/accuracy_vs_time.py --minutes 10 --out benchmarks/results/default-cpu.csv [--set KEY=VALUE ...]
+    .venv/bin/python benchmarks/accuracy_vs_time.py --minutes 10 --out benchmarks/results/default-cpu.csv \
+        [--set KEY=VALUE ...]
 
 Trains with `harness.train.train`, evaluating every `eval_every` steps, and stops at the first
 evaluation past the time budget. Evaluation time is included in the wall time.
@@ -8,6 +9,7 @@ evaluation past the time budget. Evaluation time is included in the wall time.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import time
 from pathlib import Path
@@ -45,10 +47,8 @@ class Curve(TrainListener):
 def main(minutes: float, out: Path, overrides: tuple[str, ...]) -> None:
     cfg = load_train_config(None, ("steps=1000000", "eval_every=250", "data.download=false", *overrides))
     curve = Curve(minutes * 60, cfg.optim.batch_size)
-    try:
+    with contextlib.suppress(BudgetReached):
         train(cfg, [curve])
-    except BudgetReached:
-        pass
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(curve.rows[0]))

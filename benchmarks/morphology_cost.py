@@ -132,12 +132,13 @@ def main(weights: Path | None, seeds: int, repeats: int, codes: int) -> None:
             grids = [held_out[: rows * columns] for _ in range(n_codes)]
             generate = (0.0, 0.0)
         else:
+            assert spec is not None
             generate = median_seconds(repeats, sweep_grids, model, spec, rows, values, 0)
             grids = sweep_grids(model, spec, rows, values, 0)
         measure = median_seconds(repeats, evaluation_rho, grids, values.numpy())
         timings = f"{generate[0]:5.2f} / {generate[1]:5.2f}  {measure[0]:5.2f} / {measure[1]:5.2f}"
         click.echo(f" {rows:4d} {columns:6d} {n_codes * rows * columns:6d}  {timings}")
-    if model is None:
+    if model is None or spec is None:
         return
 
     click.echo(f"\nρ of each code with each property over {seeds} latent batches: mean ± std (within-row | pooled)")

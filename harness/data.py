@@ -68,8 +68,9 @@ def find_idx(folder: Path, stem: str) -> Path | None:
 
 def read_split_folder(folder: Path, source: str) -> Dataset | None:
     """All four IDX files of a folder, or None when any is missing."""
-    paths = {name: find_idx(folder, stem) for name, stem in SPLIT_FILES.items()}
-    if any(path is None for path in paths.values()):
+    found = {name: find_idx(folder, stem) for name, stem in SPLIT_FILES.items()}
+    paths = {name: path for name, path in found.items() if path is not None}
+    if len(paths) < len(SPLIT_FILES):
         return None
     arrays = {name: torch.from_numpy(read_idx(path).copy()) for name, path in paths.items()}
     return Dataset(

@@ -33,7 +33,7 @@ def majority_accuracy(codes: np.ndarray, labels: np.ndarray) -> tuple[float, int
     table = contingency(codes, labels)
     used = table.sum(axis=1) > 0
     reached = np.unique(table[used].argmax(axis=1))
-    return float(table.max(axis=1).sum() / len(labels)), int(len(reached))
+    return float(table.max(axis=1).sum() / len(labels)), len(reached)
 
 
 def categorical_entropy(n_categories: int) -> float:

@@ -78,7 +78,7 @@ def optuna_frame(study: optuna.Study) -> pd.DataFrame:
     rows = []
     for trial in reported_trials(study):
         row: dict[str, Any] = {"trial": trial.number, "state": trial.state.name}
-        row.update(zip(columns, trial.values or [math.nan] * len(columns)))
+        row.update(zip(columns, trial.values or [math.nan] * len(columns), strict=True))
         row.update({f"param.{key}": value for key, value in trial.params.items()})
         row["duration_s"] = round(trial.duration.total_seconds(), 3) if trial.duration is not None else math.nan
         row["mlflow_run_id"] = trial.user_attrs.get("mlflow_run_id")
@@ -156,7 +156,9 @@ def summary(table: pd.DataFrame, study: optuna.Study, objectives: list[str], con
     """Counts by state, the best trials and the best parameters."""
     counts = table["state"].value_counts()
     states = ", ".join(f"{counts[s]} {s}" for s in sorted(counts.index, key=lambda s: STATE_RANK.get(s, 9)))
-    goals = ", ".join(f"{direction.name.lower()} {name}" for direction, name in zip(study.directions, objectives))
+    goals = ", ".join(
+        f"{direction.name.lower()} {name}" for direction, name in zip(study.directions, objectives, strict=True)
+    )
     console.print(f"[bold]study {study.study_name}[/]: {len(table)} trials ({states or 'none'}); {goals}")
     complete = table[table["state"] == "COMPLETE"]
     if complete.empty:
@@ -166,7 +168,7 @@ def summary(table: pd.DataFrame, study: optuna.Study, objectives: list[str], con
     best = complete.head(len(study.best_trials) if multi else BEST_SHOWN)
     shown = ["trial", *value_columns(study), *(c for c in table.columns if c.startswith("param.")), "duration_s"]
     grid = Table(title="Pareto front" if multi else f"best {len(best)} trials", title_justify="left")
-    headers = dict(zip(value_columns(study), objectives))  # the metric's name over its value
+    headers = dict(zip(value_columns(study), objectives, strict=True))  # the metric's name over its value
     for column in shown:
         header = headers.get(column, column.removeprefix("param."))
         grid.add_column(header, justify="left" if column == "trial" else "right")

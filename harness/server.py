@@ -66,7 +66,7 @@ def experiment_links(client: MlflowClient, base_url: str) -> list[ExperimentLink
 
 def browse_url(host: str, port: int) -> str:
     """Where a browser on this machine reaches a server bound to host:port."""
-    if host in ("0.0.0.0", "::", ""):
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - bound to every interface: reach it on loopback
         host = "127.0.0.1"
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 

@@ -185,7 +185,7 @@ class InfoGANTrainer:
             values["info/mi_cat"] = self.cat_entropy - sum(ce)
             values["info/h_cat"] = self.cat_entropy
             if len(ce) > 1:
-                for i, (k, code_ce) in enumerate(zip(self.spec.categorical, ce)):
+                for i, (k, code_ce) in enumerate(zip(self.spec.categorical, ce, strict=True)):
                     values[f"info/mi_cat/c{i}"] = metrics.mutual_information_bound(code_ce, k)
         if self.spec.continuous:
             values["info/mi_con"] = self.spec.continuous * metrics.uniform_entropy() - nll

@@ -47,7 +47,8 @@ def hand_made_study(
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     name = "hand"
     objectives = "objectives:\n" + "".join(
-        f"  - {{metric: {metric}, direction: {direction}}}\n" for metric, direction in zip(metrics, directions)
+        f"  - {{metric: {metric}, direction: {direction}}}\n"
+        for metric, direction in zip(metrics, directions, strict=True)
     )
     path = tmp_path / "study.yaml"
     path.write_text(STUDY_FILE.format(name=name, objectives=objectives.rstrip(), storage=storage, tracking_uri=uri))

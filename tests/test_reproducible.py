@@ -71,7 +71,9 @@ def test_two_train_processes_with_one_seed_log_the_same_metrics(tmp_path: Path) 
     for name in sorted(set(first) - timing):
         assert first[name] == second[name], name
     assert [step for step, _ in first["loss/d"]] == [3, 6, 9, 12]
-    weights = [final_weights(uri, "seeded", tmp_path / name) for uri, name in zip(uris, ("first", "second"))]
+    weights = [
+        final_weights(uri, "seeded", tmp_path / name) for uri, name in zip(uris, ("first", "second"), strict=True)
+    ]
     for part in ("generator", "trunk", "d_head", "q_head"):
         assert weights[0][part].keys() == weights[1][part].keys()
         assert all(torch.equal(weights[0][part][key], weights[1][part][key]) for key in weights[0][part]), part

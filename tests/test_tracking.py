@@ -59,9 +59,8 @@ def test_train_command_logs_params_tags_metrics_and_artifacts(tracking_uri: str,
 @pytest.mark.parametrize(("error", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
 def test_a_run_that_raises_ends_failed_or_killed(tracking_uri: str, error: BaseException, status: str) -> None:
     client = MlflowClient(tracking_uri)
-    with pytest.raises(type(error)):
-        with tracking.tracked_run(client, "t", "broken"):
-            raise error
+    with pytest.raises(type(error)), tracking.tracked_run(client, "t", "broken"):
+        raise error
     run = only_run(client, "t")
     assert run.info.status == status
     assert run.data.tags["error"] == ("RuntimeError: boom" if status == "FAILED" else "interrupted")

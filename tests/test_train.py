@@ -59,7 +59,9 @@ def test_same_seed_same_metrics_other_seed_other_metrics(tiny_cfg: TrainConfig) 
     train(tiny_cfg, [again])
     assert [without_timing(v) for _, v in first.logs] == [without_timing(v) for _, v in again.logs]
     assert [e.metrics for e in first.evals] == [e.metrics for e in again.evals]
-    assert all((a.images[k] == b.images[k]).all() for a, b in zip(first.evals, again.evals) for k in a.images)
+    assert all(
+        (a.images[k] == b.images[k]).all() for a, b in zip(first.evals, again.evals, strict=True) for k in a.images
+    )
     other = Recorder()
     train(tiny_cfg.model_copy(update={"seed": 1}), [other])
     assert without_timing(other.logs[-1][1]) != without_timing(first.logs[-1][1])
@@ -95,7 +97,9 @@ def parameters(trainer: InfoGANTrainer) -> dict[str, list[torch.Tensor]]:
 
 def moved(before: dict[str, list[torch.Tensor]], after: dict[str, list[torch.Tensor]]) -> set[str]:
     """The modules whose parameters changed."""
-    return {part for part in PARTS if any(not torch.equal(a, b) for a, b in zip(before[part], after[part]))}
+    return {
+        part for part in PARTS if any(not torch.equal(a, b) for a, b in zip(before[part], after[part], strict=True))
+    }
 
 
 @pytest.mark.parametrize("q_optimizer", ["d", "g"])
@@ -189,7 +193,7 @@ def test_fixed_std_takes_log_std_as_zero(tmp_path: Path) -> None:
         sum(
             0.5 * ((c - m) / math.exp(s)) ** 2 + s + half_log_2pi
             for row in range(2)
-            for c, m, s in zip(codes[row], means[row], log_stds[row])
+            for c, m, s in zip(codes[row], means[row], log_stds[row], strict=True)
         )
         / 2
     )

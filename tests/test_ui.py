@@ -3,6 +3,7 @@ and rendered in headless Chromium; its lifecycle and its refusals."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -70,10 +71,8 @@ def wait_for(process: subprocess.Popen[bytes], log: Path, pattern: str) -> re.Ma
 
 def kill_group(process: subprocess.Popen[Any]) -> None:
     """Kill whatever is left of the process group this test started."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     process.wait()
 
 

@@ -59,13 +59,11 @@ def objective_value(index: int) -> Callable[[FrozenTrial], float]:
 def draw(study: optuna.Study, job: PlotJob, backend: Backend) -> Any | None:
     """The job's figure (a plotly Figure, or a matplotlib Figure), or None when the study cannot draw it yet
     (e.g. importances need two complete trials that differ)."""
-    if backend == "matplotlib":
-        import matplotlib
+    import matplotlib
+    from optuna import visualization
 
-        matplotlib.use("Agg")
-        from optuna.visualization import matplotlib as plots
-    else:
-        from optuna import visualization as plots
+    matplotlib.use("Agg")
+    plots = visualization.matplotlib if backend == "matplotlib" else visualization
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # notes on studies too small to plot well, "experimental" backends

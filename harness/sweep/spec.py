@@ -33,7 +33,7 @@ from harness.urls import absolute_url
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 # Where a study runs, not what it computes: may change when a study is resumed.
-PLACEMENT = {"device": True, "data": {"root": True, "download": True}}  # a model_dump exclude
+PLACEMENT: dict[str, bool | set[str]] = {"device": True, "data": {"root", "download"}}  # a model_dump exclude
 
 Scalar = bool | int | float | str
 
