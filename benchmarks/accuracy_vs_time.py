@@ -17,7 +17,8 @@ from pathlib import Path
 import click
 
 from harness.config import load_train_config
-from harness.train import Evaluation, TrainListener, train
+from harness.evaluate import Evaluation
+from harness.train import TrainListener, train
 
 
 class BudgetReached(Exception):

@@ -22,10 +22,10 @@ import torch
 from harness.classifier import load_classifier
 from harness.config import TrainConfig
 from harness.data import bundled_mnist_folder, read_split_folder
+from harness.evaluate import EVAL_CHUNK, as_float_images
 from harness.latent import LatentSpec
 from harness.metrics import frechet_distance, generated_purity
 from harness.model import InfoGAN
-from harness.train import EVAL_CHUNK, as_float_images
 
 
 def median_seconds(work: Callable[[], object], repeats: int) -> float:

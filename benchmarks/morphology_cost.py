@@ -26,10 +26,10 @@ import torch
 
 from harness import metrics
 from harness.data import bundled_mnist_folder, read_split_folder
+from harness.evaluate import TRAVERSAL_RANGE
 from harness.latent import LatentSpec
 from harness.model import InfoGAN
 from harness.morphology import PROPERTIES, measure_digits
-from harness.train import TRAVERSAL_RANGE
 
 # (rows, values); 8 x 10 is the size of the traversal grids the trainer logs as images
 GRIDS = ((8, 10), (16, 5), (16, 10), (32, 5), (32, 10), (64, 5), (64, 10))

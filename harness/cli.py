@@ -18,7 +18,8 @@ from rich.progress import (
 )
 
 from harness.config import ConfigError, TrainConfig, load_train_config
-from harness.train import Evaluation, RunInfo, TrainListener, train
+from harness.evaluate import Evaluation
+from harness.train import RunInfo, TrainListener, train
 
 
 class ProgressBar(TrainListener):

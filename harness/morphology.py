@@ -25,7 +25,8 @@ import numpy as np
 from scipy import ndimage
 from skimage import measure, morphology, transform
 
-PROPERTIES = ("slant", "thickness", "width")  # the columns of `measure_digits`
+from harness.metric_names import PROPERTIES  # the columns of `measure_digits`, in this order
+
 INK_THRESHOLD = 0.5  # ink: intensity >= half of full scale (uint8: >= 127.5 / 255)
 # Measured on a 2x bilinear upsampling: at 28x28 a binarised stroke is a whole number of pixels
 # wide, so thickness and width would move in 1-pixel steps; 2x halves the step for ~0.5 ms an

@@ -9,6 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import optuna
 import pandas as pd
 from mlflow.tracking import MlflowClient
@@ -17,8 +18,9 @@ from rich.table import Table
 
 from harness import tracking
 from harness.config import ConfigError
-from harness.sweep.bookkeeping import reported_trials, trial_error
+from harness.sweep.bookkeeping import RUN_ATTR, SEEDS_ATTR, reported_trials, trial_error
 from harness.sweep.plots import PLOTS_ARTIFACT_PATH
+from harness.sweep.seeds import SPREAD
 from harness.sweep.spec import load_study_spec
 from harness.sweep.storage import load_existing_study
 from harness.text import format_value
@@ -72,22 +74,45 @@ def iso(moment: datetime | None) -> str | None:
 
 
 def optuna_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial that ran, from Optuna: number, state, values, searched params, times,
-    run id and the error the trial recorded."""
+    """One row per trial that ran, from Optuna: number, state, values (with repeats: their spread over the
+    seeds, the seeds and, for JSON, each seed's values), searched params, times, run id and the error the
+    trial recorded."""
     columns = value_columns(study)
     rows = []
     for trial in reported_trials(study):
         row: dict[str, Any] = {"trial": trial.number, "state": trial.state.name}
         row.update(zip(columns, trial.values or [math.nan] * len(columns), strict=True))
+        row.update(seed_columns(trial.user_attrs.get(SEEDS_ATTR), columns))
         row.update({f"param.{key}": value for key, value in trial.params.items()})
         row["duration_s"] = round(trial.duration.total_seconds(), 3) if trial.duration is not None else math.nan
-        row["mlflow_run_id"] = trial.user_attrs.get("mlflow_run_id")
+        row["mlflow_run_id"] = trial.user_attrs.get(RUN_ATTR)
         row["started"], row["finished"] = iso(trial.datetime_start), iso(trial.datetime_complete)
         row["error"] = trial_error(trial)
         rows.append(row)
     params = list(dict.fromkeys(key for row in rows for key in row if key.startswith("param.")))
+    present = {key for row in rows for key in row}
+    spread = [key for key in seed_column_names(columns) if key in present]
     times = ["duration_s", "mlflow_run_id", "started", "finished", "error"]
-    return pd.DataFrame(rows, columns=["trial", "state", *columns, *params, *times])
+    return pd.DataFrame(rows, columns=["trial", "state", *columns, *spread, *params, *times])
+
+
+def seed_column_names(columns: list[str]) -> list[str]:
+    """The columns of a study with repeats, after the values: `value_std`, `value_min`, ..., `seeds`."""
+    return [*(f"{c}_{stat}" for c in columns for stat in SPREAD), "seeds", "seed_values"]
+
+
+def seed_columns(seeds: dict[str, Any] | None, columns: list[str]) -> dict[str, Any]:
+    """A trial with repeats: each value's std, min and max over the seeds (std with ddof 0, as the trial
+    run's seeds/<metric>/std), how many seeds, and each seed's values; nothing for a trial of one seed."""
+    if not seeds:
+        return {}
+    per_seed = np.asarray(seeds["values"], dtype=np.float64)  # (seeds, objectives)
+    row: dict[str, Any] = {}
+    for column, values in zip(columns, per_seed.T, strict=True):
+        row |= {f"{column}_std": values.std(), f"{column}_min": values.min(), f"{column}_max": values.max()}
+    row["seeds"] = len(seeds["seeds"])
+    row["seed_values"] = {str(seed): values for seed, values in zip(seeds["seeds"], seeds["values"], strict=True)}
+    return row
 
 
 def best_first(table: pd.DataFrame, study: optuna.Study) -> pd.DataFrame:
@@ -118,7 +143,8 @@ def trials_table(study: optuna.Study, runs: list[dict[str, Any]]) -> pd.DataFram
     table["error"] = table["error.run"].fillna(table["error"])  # the run's says more (e.g. "retried as trial 9")
     params = [c for c in table.columns if c.startswith("param.")]
     metrics = sorted(c for c in table.columns if c.startswith("metric."))
-    ordered = ["trial", "state", *value_columns(study), *params, *metrics]
+    spread = [c for c in seed_column_names(value_columns(study)) if c in table.columns]
+    ordered = ["trial", "state", *value_columns(study), *spread, *params, *metrics]
     table = table[[*ordered, "duration_s", "mlflow_run_id", "started", "finished", "error"]]
     return best_first(table, study)
 
@@ -137,11 +163,13 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 def render(table: pd.DataFrame, fmt: Format) -> str:
-    """The table as CSV, markdown or JSON records."""
+    """The table as CSV, markdown or JSON records; each seed's values (a mapping) in JSON only."""
+    if fmt != "json":
+        table = table.drop(columns=["seed_values"], errors="ignore")
     if fmt == "csv":
         return table.to_csv(index=False)
     if fmt == "json":
-        return table.to_json(orient="records", indent=2) + "\n"
+        return table.to_json(orient="records", indent=2, double_precision=15) + "\n"
     return markdown(table)
 
 

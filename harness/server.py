@@ -19,7 +19,7 @@ import psutil
 from mlflow.tracking import MlflowClient
 
 from harness.config import ConfigError
-from harness.tracking import STUDY_TAG
+from harness.tracking import ROLE_TAG, STUDY_TAG
 from harness.urls import sqlite_path
 
 UI_START_TIMEOUT_S = 120.0  # a cold `mlflow server` on a busy 2-core machine takes ~20 s
@@ -58,7 +58,7 @@ def experiment_links(client: MlflowClient, base_url: str) -> list[ExperimentLink
             max_results=COMPARE_LIMIT,
             order_by=["attributes.start_time DESC"],
         )
-        trials = [run.info.run_id for run in runs if STUDY_TAG in run.data.tags]
+        trials = [run.info.run_id for run in runs if STUDY_TAG in run.data.tags and ROLE_TAG not in run.data.tags]
         compare = compare_url(base_url, experiment.experiment_id, trials) if len(trials) > 1 else None
         links.append(ExperimentLinks(experiment.name, runs_url(base_url, experiment.experiment_id), compare))
     return links

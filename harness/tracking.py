@@ -20,7 +20,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from harness.config import TrainConfig, flatten
-from harness.train import Evaluation, RunInfo, TrainListener
+from harness.evaluate import Evaluation
+from harness.train import RunInfo, TrainListener
 from harness.urls import absolute_url, sqlite_path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
@@ -29,7 +30,8 @@ EXPERIMENT_KIND = "custom_model_development"  # opens the runs table rather than
 BATCH_LIMIT = 100  # params per log_batch call (MLflow's limit)
 # The project's run tags
 ERROR_TAG = "error"  # why a run failed
-ROLE_TAG = "harness.role"  # "study" on a study's parent run
+ROLE_TAG = "harness.role"  # "study" on a study's parent run, "seed" on a seed's run under its trial's
+SEED_ROLE = "seed"
 STUDY_TAG = "optuna.study"  # on trial runs only, so readers of a study's trials never see the parent
 TRIAL_TAG = "optuna.trial"
 STATE_TAG = "harness.state"  # how the trial ended: COMPLETE, PRUNED, FAIL, INTERRUPTED, LOST
@@ -120,6 +122,20 @@ def end_run(client: MlflowClient, run_id: str, status: str, tags: Mapping[str, s
     client.set_terminated(run_id, status=status)
 
 
+def log_run_start(client: MlflowClient, run_id: str, info: RunInfo, cfg: TrainConfig) -> None:
+    """The resolved config as params and as `config.yaml`, and where the run trains on what data, as tags."""
+    log_params(client, run_id, config_params(cfg))
+    tags = {
+        "data.source": info.data_source,
+        "data.location": info.data_location,
+        "data.size": f"{info.train_images} train / {info.test_images} test",
+        "device": info.device,
+        "torch.version": torch.__version__,
+    }
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    client.log_text(run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+
+
 class RunLogger(TrainListener):
     """Streams one training run into an MLflow run."""
 
@@ -127,16 +143,7 @@ class RunLogger(TrainListener):
         self.client, self.run_id = client, run_id
 
     def on_start(self, info: RunInfo, cfg: TrainConfig) -> None:
-        log_params(self.client, self.run_id, config_params(cfg))
-        tags = {
-            "data.source": info.data_source,
-            "data.location": info.data_location,
-            "data.size": f"{info.train_images} train / {info.test_images} test",
-            "device": info.device,
-            "torch.version": torch.__version__,
-        }
-        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        self.client.log_text(self.run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+        log_run_start(self.client, self.run_id, info, cfg)
 
     def on_log(self, step: int, values: dict[str, float]) -> None:
         log_metrics(self.client, self.run_id, step, values)
@@ -185,8 +192,11 @@ def store_exists(uri: str) -> bool:
     return path is None or path.is_file()
 
 
-def study_trial_runs(client: MlflowClient, experiment: str, study: str, filter_string: str = "") -> Iterator[Run]:
-    """The study's trial runs (tag `optuna.study`) in `experiment`, newest first, every page."""
+def study_trial_runs(
+    client: MlflowClient, experiment: str, study: str, filter_string: str = "", role: str | None = None
+) -> Iterator[Run]:
+    """The study's trial runs (tag `optuna.study`) in `experiment`, newest first, every page; with
+    `role=SEED_ROLE`, the runs of their seeds instead."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return
@@ -199,7 +209,9 @@ def study_trial_runs(client: MlflowClient, experiment: str, study: str, filter_s
             order_by=["attributes.start_time DESC"],
             page_token=token,
         )
-        yield from (run for run in page if run.data.tags.get(STUDY_TAG) == study)
+        yield from (
+            run for run in page if run.data.tags.get(STUDY_TAG) == study and run.data.tags.get(ROLE_TAG) == role
+        )
         token = page.token
         if not token:
             return
@@ -278,7 +290,22 @@ def start_trial_run(client: MlflowClient, study: str, parent_run_id: str, number
     return run_id
 
 
+def start_seed_run(client: MlflowClient, study: str, trial_run_id: str, number: int, seed: int) -> str:
+    """One seed of a trial with repeats: a run `trial-0007-seed-3` nested under the trial's run."""
+    experiment_id = ensure_experiment(client, study)
+    tags = {STUDY_TAG: study, TRIAL_TAG: str(number), ROLE_TAG: SEED_ROLE}
+    return start_run(client, experiment_id, f"trial-{number:04d}-seed-{seed}", tags, trial_run_id)
+
+
 def running_trial_runs(client: MlflowClient, study: str) -> dict[int, str]:
     """Trial number -> id of each of the study's trial runs still RUNNING."""
     running = study_trial_runs(client, study, study, "attributes.status = 'RUNNING'")
     return {int(run.data.tags[TRIAL_TAG]): run.info.run_id for run in running if TRIAL_TAG in run.data.tags}
+
+
+def running_seed_runs(client: MlflowClient, study: str) -> dict[int, list[str]]:
+    """Trial number -> ids of the study's seed runs still RUNNING."""
+    seeds: dict[int, list[str]] = {}
+    for run in study_trial_runs(client, study, study, "attributes.status = 'RUNNING'", role=SEED_ROLE):
+        seeds.setdefault(int(run.data.tags[TRIAL_TAG]), []).append(run.info.run_id)
+    return seeds

@@ -1,29 +1,25 @@
-"""Train one InfoGAN: `train(cfg, listeners) -> TrainResult`. Knows neither MLflow nor Optuna:
-each log window and each evaluation goes to the listeners."""
+"""Train InfoGANs: `train(cfg, listeners) -> TrainResult` trains one; `train_pack(groups)` trains several in
+lockstep, evaluated at the same steps (a trial's seeds). Knows neither MLflow nor Optuna: each log window and
+each evaluation goes to the listeners."""
 
 from __future__ import annotations
 
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.utils import make_grid
 
 from harness import metrics
-from harness.config import TrainConfig
+from harness.config import TrainConfig, flatten
 from harness.data import Dataset, load_dataset
+from harness.evaluate import Evaluation, Evaluator, HeldOut, as_float_images, held_out_for
 from harness.latent import Latent, LatentSpec
 from harness.model import InfoGAN
-
-TRAVERSAL_ROWS = 8
-TRAVERSAL_RANGE = (-2.0, 2.0)  # the paper's range for continuous codes
-TRAVERSAL_COLUMNS = 10
-EVAL_CHUNK = 1000
 
 
 class DivergenceError(RuntimeError):
@@ -37,13 +33,6 @@ class RunInfo:
     data_location: str
     train_images: int
     test_images: int
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    step: int
-    metrics: dict[str, float]
-    images: dict[str, np.ndarray] = field(repr=False)  # name -> (H, W, 3) uint8 grid
 
 
 @dataclass(frozen=True)
@@ -80,10 +69,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def as_float_images(images: torch.Tensor) -> torch.Tensor:
-    return images.unsqueeze(1).float().div_(255)  # (B, 28, 28) uint8 -> (B, 1, 28, 28) in [0, 1]
 
 
 class InfoGANTrainer:
@@ -202,117 +187,175 @@ class InfoGANTrainer:
         return {**state, "latent": spec}
 
 
-class Evaluator:
-    """Q's codes on the held-out labelled images, and traversal grids from fixed latents."""
+class GroupListener:
+    """Sees each round of a group of pack members trained together (a trial's seeds): the log values, or the
+    evaluations, of all its members at one step, in member order. Raising stops every member of the group."""
 
-    def __init__(self, spec: LatentSpec, data: Dataset, seed: int, device: torch.device) -> None:
-        self.spec, self.data = spec, data
-        self.labels = data.test_labels.cpu().numpy()
-        rng = torch.Generator(device).manual_seed(seed + 1)
-        base = spec.sample(TRAVERSAL_ROWS, rng, device)
-        self.traversals: dict[str, torch.Tensor] = {}
-        for i, k in enumerate(spec.categorical):  # rows: noise samples, columns: the K categories
-            cats = base.categories.repeat_interleave(k, dim=0)
-            cats[:, i] = torch.arange(k, device=device).repeat(TRAVERSAL_ROWS)
-            noise = base.vector[:, : spec.noise].repeat_interleave(k, dim=0)
-            con = torch.zeros(len(cats), spec.continuous, device=device)
-            self.traversals[f"cat{i}"] = spec.build(noise, cats, con).vector
-        values = torch.linspace(*TRAVERSAL_RANGE, TRAVERSAL_COLUMNS, device=device)
-        for j in range(spec.continuous):  # rows: noise samples (first code's category = row), columns: values
-            noise = base.vector[:, : spec.noise].repeat_interleave(TRAVERSAL_COLUMNS, dim=0)
-            cats = base.categories.clone()
-            if spec.categorical:
-                cats[:, 0] = torch.arange(TRAVERSAL_ROWS, device=device) % spec.categorical[0]
-            cats = cats.repeat_interleave(TRAVERSAL_COLUMNS, dim=0)
-            con = torch.zeros(len(noise), spec.continuous, device=device)
-            con[:, j] = values.repeat(TRAVERSAL_ROWS)
-            self.traversals[f"con{j}"] = spec.build(noise, cats, con).vector
+    def on_start(self, info: RunInfo, configs: Sequence[TrainConfig]) -> None: ...
 
-    @torch.no_grad()
-    def __call__(self, model: InfoGAN, step: int) -> Evaluation:
-        model.eval()  # running BatchNorm statistics, not the test batch's
-        n_logits = sum(self.spec.categorical)
-        chunks = []
-        for images in self.data.test_images.split(EVAL_CHUNK):
-            _, q_out = model.discriminate(as_float_images(images))
-            logits = q_out[:, :n_logits].float().split(list(self.spec.categorical), dim=1)
-            chunks.append(torch.stack([code.argmax(dim=1) for code in logits], dim=1))
-        values: dict[str, float] = {}
-        if self.spec.categorical:
-            codes = torch.cat(chunks).cpu().numpy()  # (M, n_categorical)
-            per_code = [self.code_metrics(codes[:, i]) for i in range(codes.shape[1])]
-            best = max(per_code, key=lambda m: m["eval/cat_acc"])
-            values.update(best)
-            if len(per_code) > 1:
-                for i, code_values in enumerate(per_code):
-                    values.update({f"{name}/c{i}": v for name, v in code_values.items()})
-        images = {name: to_grid(model.generator(latent)) for name, latent in self.traversals.items()}
-        model.train()
-        return Evaluation(step, values, images)
+    def on_log_round(self, step: int, values: Sequence[dict[str, float]]) -> None: ...
 
-    def code_metrics(self, codes: np.ndarray) -> dict[str, float]:
-        majority, covered = metrics.majority_accuracy(codes, self.labels)
-        return {
-            "eval/cat_acc": metrics.hungarian_accuracy(codes, self.labels),
-            "eval/cat_acc_majority": majority,
-            "eval/digits_covered": float(covered),
-        }
+    def on_eval_round(self, step: int, evaluations: Sequence[Evaluation]) -> None: ...
 
 
-def to_grid(images: torch.Tensor) -> np.ndarray:
-    """(R·C, 1, 28, 28) in [0, 1] -> (H, W, 3) uint8, C images a row."""
-    columns = len(images) // TRAVERSAL_ROWS
-    grid = make_grid(images.float(), nrow=columns, padding=2, pad_value=1.0)  # (3, H, W)
-    return grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+@dataclass(frozen=True)
+class Group:
+    """Members that stand or fall together: one config each (e.g. one seed each), each member's own
+    listeners, and the listeners of the group's rounds."""
+
+    configs: Sequence[TrainConfig]
+    listeners: Sequence[Sequence[TrainListener]]
+    watchers: Sequence[GroupListener] = ()
+
+
+@dataclass(frozen=True)
+class GroupOutcome:
+    results: list[TrainResult]  # one per member; empty when the group stopped
+    error: Exception | None  # what stopped it: a listener's exception (a pruned trial), a diverging loss
+
+
+SHARED_KEYS = ("data", "codes", "optim.batch_size", "steps", "eval_every", "log_every", "device")  # across a pack
+
+
+class Member:
+    """One InfoGAN of a pack: its model and optimisers, its evaluator, its batch order and log window. All of
+    its randomness comes from its config's seed, as if it trained alone."""
+
+    def __init__(self, cfg: TrainConfig, data: Dataset, held_out: HeldOut, device: torch.device) -> None:
+        self.cfg, self.data = cfg, data
+        seed_everything(cfg.seed)  # the initial weights
+        self.trainer = InfoGANTrainer(cfg, device)
+        self.evaluate = Evaluator(self.trainer.spec, held_out, cfg.seed, device)
+        self.batch_rng = torch.Generator(device).manual_seed(cfg.seed + 2)
+        self.batch_size = min(cfg.optim.batch_size, len(data.train_images))
+        self.order = torch.empty(0, dtype=torch.long, device=device)
+        self.window: torch.Tensor | None = None  # the step stats summed over the log window
+        self.window_steps = 0
+        self.last: dict[str, float] = {}  # every metric's last value
+
+    def step(self) -> None:
+        if len(self.order) < self.batch_size:  # a new epoch, the last partial batch dropped
+            self.order = torch.randperm(len(self.data.train_images), generator=self.batch_rng, device=self.order.device)
+        index, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
+        stats = self.trainer.step(as_float_images(self.data.train_images[index]))
+        self.window = stats if self.window is None else self.window + stats
+        self.window_steps += 1
+
+    def log_values(self, seconds: float) -> dict[str, float]:
+        """The log window's metrics (raises DivergenceError on a non-finite loss); `seconds`: its wall time."""
+        assert self.window is not None, "a log window holds at least one step"
+        values = self.trainer.window_metrics(self.window, self.window_steps)
+        values["perf/images_per_s"] = self.window_steps * self.batch_size / seconds
+        self.window, self.window_steps = None, 0
+        self.last.update(values)
+        return values
+
+    def evaluation(self, step: int) -> Evaluation:
+        evaluation = self.evaluate(self.trainer.model, step)
+        self.last.update(evaluation.metrics)
+        return evaluation
+
+
+def check_packable(configs: Sequence[TrainConfig]) -> None:
+    """Members of a pack share what makes them step and evaluate together; ValueError names what differs."""
+    first = flatten(configs[0].model_dump())
+    for cfg in configs[1:]:
+        flat = flatten(cfg.model_dump())
+        differ = [k for k in flat if k.startswith(SHARED_KEYS) and flat[k] != first[k]]
+        if differ:
+            raise ValueError(f"pack members must share {', '.join(differ)}")
+
+
+def train_pack(groups: Sequence[Group]) -> list[GroupOutcome]:
+    """Train every member of every group in lockstep: one step each in turn, evaluated at the same steps,
+    each as it would train alone. A group stops as a whole when one of its members' losses diverges or one of
+    its listeners raises; the others go on. Ctrl-C stops them all."""
+    started = time.perf_counter()
+    configs = [cfg for group in groups for cfg in group.configs]
+    check_packable(configs)
+    shared = configs[0]
+    device = resolve_device(shared.device)
+    data = load_dataset(shared.data).to(device)
+    info = RunInfo(str(device), data.source, data.location, len(data.train_images), len(data.test_images))
+    held_out = held_out_for(data, device, with_properties=shared.codes.continuous > 0)
+    errors: dict[int, Exception] = {}
+    members: dict[int, list[Member]] = {}
+
+    def each_live(work: Callable[[int, Group], None]) -> None:
+        """Run `work` for each group still training; an exception stops that group alone."""
+        for g, group in enumerate(groups):
+            if g in errors:
+                continue
+            try:
+                work(g, group)
+            except Exception as err:  # a pruned trial, a diverging loss, any error of its listeners
+                errors[g] = err
+
+    def start(g: int, group: Group) -> None:
+        for cfg, listeners in zip(group.configs, group.listeners, strict=True):
+            for listener in listeners:
+                listener.on_start(info, cfg)
+        for watcher in group.watchers:
+            watcher.on_start(info, group.configs)
+        members[g] = [Member(cfg, data, held_out, device) for cfg in group.configs]
+
+    def evaluate(step: int) -> None:
+        def work(g: int, group: Group) -> None:
+            evaluations = [member.evaluation(step) for member in members[g]]
+            for evaluation, listeners in zip(evaluations, group.listeners, strict=True):
+                for listener in listeners:
+                    listener.on_eval(evaluation)
+            for watcher in group.watchers:
+                watcher.on_eval_round(step, evaluations)
+
+        each_live(work)
+
+    def log(step: int, seconds: float) -> None:
+        def work(g: int, group: Group) -> None:
+            values = [member.log_values(seconds) for member in members[g]]
+            for member_values, listeners in zip(values, group.listeners, strict=True):
+                for listener in listeners:
+                    listener.on_log(step, member_values)
+            for watcher in group.watchers:
+                watcher.on_log_round(step, values)
+
+        each_live(work)
+
+    each_live(start)
+    # A step-0 evaluation: the chance-level baseline; it also makes eval/* each run's first metrics,
+    # which the MLflow compare view picks by default.
+    evaluate(0)
+    window_start, window_paused = time.perf_counter(), 0.0
+    for step in range(1, shared.steps + 1):
+        if len(errors) == len(groups):
+            break
+        for g, group_members in members.items():
+            if g not in errors:
+                for member in group_members:
+                    member.step()
+        if step % shared.log_every == 0 or step == shared.steps:
+            log(step, time.perf_counter() - window_start - window_paused)  # evaluations excluded
+            window_start, window_paused = time.perf_counter(), 0.0
+        if step % shared.eval_every == 0 or step == shared.steps:
+            began = time.perf_counter()
+            evaluate(step)
+            window_paused += time.perf_counter() - began
+
+    seconds = time.perf_counter() - started
+    return [
+        GroupOutcome([], errors[g])
+        if g in errors
+        else GroupOutcome(
+            [TrainResult(shared.steps, m.last, m.trainer.weights(), info, seconds) for m in members[g]], None
+        )
+        for g in range(len(groups))
+    ]
 
 
 def train(cfg: TrainConfig, listeners: Sequence[TrainListener] = ()) -> TrainResult:
-    """Train an InfoGAN on `cfg`; all randomness comes from `cfg.seed`."""
-    started = time.perf_counter()
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    data = load_dataset(cfg.data).to(device)
-    info = RunInfo(str(device), data.source, data.location, len(data.train_images), len(data.test_images))
-    for listener in listeners:
-        listener.on_start(info, cfg)
-
-    trainer = InfoGANTrainer(cfg, device)
-    evaluate = Evaluator(trainer.spec, data, cfg.seed, device)
-    batch_rng = torch.Generator(device).manual_seed(cfg.seed + 2)
-    batch_size = min(cfg.optim.batch_size, len(data.train_images))
-    order = torch.empty(0, dtype=torch.long, device=device)
-    last: dict[str, float] = {}
-
-    def evaluate_and_publish(step: int) -> float:
-        """Evaluate, hand the result to the listeners; returns the seconds it took."""
-        began = time.perf_counter()
-        evaluation = evaluate(trainer.model, step)
-        last.update(evaluation.metrics)
-        for listener in listeners:
-            listener.on_eval(evaluation)
-        return time.perf_counter() - began
-
-    # A step-0 evaluation: the chance-level baseline; it also makes eval/* each run's first
-    # metrics, which the MLflow compare view picks by default.
-    evaluate_and_publish(0)
-    window, window_steps, window_start, window_paused = None, 0, time.perf_counter(), 0.0
-    for step in range(1, cfg.steps + 1):
-        if len(order) < batch_size:  # a new epoch, the last partial batch dropped
-            order = torch.randperm(len(data.train_images), generator=batch_rng, device=device)
-        index, order = order[:batch_size], order[batch_size:]
-        stats = trainer.step(as_float_images(data.train_images[index]))
-        window = stats if window is None else window + stats
-        window_steps += 1
-
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            values = trainer.window_metrics(window, window_steps)
-            seconds = time.perf_counter() - window_start - window_paused  # evaluations excluded
-            values["perf/images_per_s"] = window_steps * batch_size / seconds
-            last.update(values)
-            for listener in listeners:
-                listener.on_log(step, values)
-            window, window_steps, window_start, window_paused = None, 0, time.perf_counter(), 0.0
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            window_paused += evaluate_and_publish(step)
-
-    return TrainResult(cfg.steps, last, trainer.weights(), info, time.perf_counter() - started)
+    """Train one InfoGAN on `cfg` (a pack of one); all randomness comes from `cfg.seed`. What stops it (a
+    diverging loss, a listener's exception) is raised."""
+    (outcome,) = train_pack([Group([cfg], [listeners])])
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome.results[0]

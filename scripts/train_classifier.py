@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from harness.classifier import LeNet, classifier_weights_path
 from harness.data import SPLIT_FILES, Dataset, bundled_mnist_folder, find_idx, read_idx, read_split_folder
-from harness.train import as_float_images
+from harness.evaluate import as_float_images
 
 BATCH_SIZE = 64
 LEARNING_RATE = 2e-3  # Adam, cosine-annealed to 0 over the run

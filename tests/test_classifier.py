@@ -17,8 +17,8 @@ import torch
 
 from harness.classifier import FEATURE_DIM, LeNet, classifier_weights_path, load_classifier
 from harness.data import Dataset, bundled_mnist_folder, read_split_folder
+from harness.evaluate import as_float_images
 from harness.metrics import frechet_distance
-from harness.train import as_float_images
 
 README = classifier_weights_path().parent / "README.md"
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_classifier.py"

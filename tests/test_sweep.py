@@ -21,11 +21,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness import tracking
 from harness.cli import main
+from harness.config import TrainConfig
+from harness.evaluate import Evaluation
 from harness.sweep import bookkeeping, recovery
 from harness.sweep import storage as sweep_storage
 from harness.sweep.spec import load_study_spec
 from harness.sweep.trial import ObjectiveReporter
-from harness.train import Evaluation
+from harness.train import RunInfo
 
 # Two log windows and two evaluations a trial: tiny, yet every hook runs.
 TINY_TRAIN = {"data": {"download": False}, "optim": {"batch_size": 16}, "steps": 4, "eval_every": 2, "log_every": 2}
@@ -365,14 +367,17 @@ def test_a_trial_below_the_median_is_pruned_at_its_evaluation(
     study.pruner = optuna.pruners.MedianPruner(n_startup_trials=1)
     images: dict[str, np.ndarray] = {}
     good = study.ask()
-    reporter = ObjectiveReporter(good, ["eval/cat_acc"], report=True)
+    info = RunInfo("cpu", "bundled-10k", "nowhere", 0, 0)
+    reporter = ObjectiveReporter(good, ["eval/cat_acc"], "mean", report=True)
+    reporter.on_start(info, [TrainConfig()])
     for step, accuracy in ((2, 0.5), (4, 0.6)):
-        reporter.on_eval(Evaluation(step, {"eval/cat_acc": accuracy}, images))
+        reporter.on_eval_round(step, [Evaluation(step, {"eval/cat_acc": accuracy}, images)])
     study.tell(good, reporter.values())
 
     bad = study.ask()
-    reporter = ObjectiveReporter(bad, ["eval/cat_acc"], report=True)
-    reporter.on_eval(Evaluation(0, {"eval/cat_acc": 0.01}, images))  # the untrained baseline: not reported
+    reporter = ObjectiveReporter(bad, ["eval/cat_acc"], "mean", report=True)
+    reporter.on_start(info, [TrainConfig()])
+    reporter.on_eval_round(0, [Evaluation(0, {"eval/cat_acc": 0.01}, images)])  # the untrained baseline: not reported
     with pytest.raises(optuna.TrialPruned, match="evaluation 1"):
-        reporter.on_eval(Evaluation(2, {"eval/cat_acc": 0.1}, images))
+        reporter.on_eval_round(2, [Evaluation(2, {"eval/cat_acc": 0.1}, images)])
     assert bad.should_prune() and study.get_trials()[-1].intermediate_values == {1: 0.1}

@@ -9,12 +9,15 @@ import pytest
 import torch
 
 from harness.config import TrainConfig
+from harness.evaluate import Evaluation
 from harness.latent import Latent, LatentSpec
-from harness.train import DivergenceError, Evaluation, InfoGANTrainer, TrainListener, train
+from harness.metric_names import PROPERTIES, is_logged
+from harness.train import DivergenceError, InfoGANTrainer, TrainListener, train
 from tests.conftest import tiny_config
 
 CPU = torch.device("cpu")
 PARTS = ("generator", "trunk", "d_head", "q_head")  # InfoGAN's modules
+PROPERTY_SUFFIXES = ("", *(f"/{name}" for name in PROPERTIES))  # eval/con_rho/c0 and eval/con_rho/c0/slant, ...
 
 
 class Recorder(TrainListener):
@@ -46,6 +49,14 @@ def test_short_run_logs_losses_bound_and_evaluations(tiny_cfg: TrainConfig) -> N
     assert 0.0 <= evaluation.metrics["eval/cat_acc"] <= 1.0
     assert evaluation.metrics["eval/cat_acc"] <= evaluation.metrics["eval/cat_acc_majority"] + 1e-9
     assert 1 <= evaluation.metrics["eval/digits_covered"] <= 10
+    assert 0.1 <= evaluation.metrics["eval/gen_purity"] <= 1.0  # each category's majority digit: at least 1 in 10
+    assert 1 <= evaluation.metrics["eval/gen_digits_covered"] <= 10 and evaluation.metrics["eval/fld"] > 0
+    continuous = {f"eval/{side}_rho/c{j}{prop}" for side in ("con", "q") for j in (0, 1) for prop in PROPERTY_SUFFIXES}
+    assert continuous | {"eval/con_gap"} <= set(evaluation.metrics)
+    assert (
+        all(-1 <= evaluation.metrics[key] <= 1 for key in continuous) and 0 <= evaluation.metrics["eval/con_gap"] <= 1
+    )
+    assert all(is_logged(key) for key in evaluation.metrics) and len(evaluation.metrics) == 6 + 2 * 2 * 4 + 1
     assert set(evaluation.images) == {"cat0", "con0", "con1"}
     assert evaluation.images["cat0"].shape == (8 * 30 + 2, 10 * 30 + 2, 3)  # 8 rows x 10 categories
     assert evaluation.images["cat0"].dtype.name == "uint8"

@@ -24,6 +24,7 @@ RUN_ATTR = "mlflow_run_id"
 WORKER_ATTR = "worker"  # {"host", "pid", "started"}: the process running the trial
 RETRY_ATTR = "retry_of"  # on a retry: the number of the lost trial it replaces
 ERROR_ATTR = "error"
+SEEDS_ATTR = "seeds"  # with repeats: {"seeds": [...], "values": [[each objective] per seed]}
 SURPLUS_ATTR = "surplus"  # asked in a race for the last place: failed before training, never counted
 # Optuna study user attrs
 PARENT_ATTR = "mlflow_parent_run_id"

@@ -15,7 +15,7 @@ from harness.sweep.bookkeeping import (
     PARENT_ATTR,
     counted,
 )
-from harness.sweep.display import Monitor, progress_listeners, say
+from harness.sweep.display import Monitor, progress_watchers, say
 from harness.sweep.recovery import recover
 from harness.sweep.signals import EXIT_INTERRUPTED, sigint_ignored
 from harness.sweep.spec import (
@@ -61,7 +61,7 @@ def run_sweep(spec: StudySpec, study_file: Path, workers: int, console: Console)
                         recover(sweep)
                         monitor.poll()
 
-                    work_loop(sweep, deadline, progress_listeners(spec, status_dir, monitor.poll), between)
+                    work_loop(sweep, deadline, progress_watchers(spec, status_dir, monitor.poll), between)
                 else:
                     code = supervise(sweep, min(workers, spec.trials), status_dir, monitor)
         except KeyboardInterrupt:

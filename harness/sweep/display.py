@@ -17,43 +17,49 @@ from rich.table import Table
 from rich.text import Text
 
 from harness.config import TrainConfig
+from harness.evaluate import Evaluation
 from harness.sweep.bookkeeping import (
     ERROR_ATTR,
     RETRY_ATTR,
     SURPLUS_ATTR,
     counted,
 )
+from harness.sweep.seeds import aggregate_metrics
 from harness.sweep.spec import (
+    Aggregate,
     StudySpec,
 )
 from harness.sweep.storage import Sweep
 from harness.text import format_value
-from harness.train import Evaluation, RunInfo, TrainListener
+from harness.train import GroupListener, RunInfo
 
 SHOWN_METRICS = ("loss/d", "loss/g")  # besides the objectives, in the live display
 PROGRESS_PREFIX = "progress-"  # <status dir>/progress-<pid>.json: a worker's running trial
 READ_TRIALS_EVERY_S = 2.0
 
 
-class TrialProgress(TrainListener):
-    """Writes the running trial's step and last metrics to a JSON file the live display reads, then
-    calls `tick` (the in-process display's chance to redraw)."""
+class TrialProgress(GroupListener):
+    """Writes the running trial's step and last metrics (aggregated across its seeds) to a JSON file the live
+    display reads, then calls `tick` (the in-process display's chance to redraw)."""
 
-    def __init__(self, path: Path, number: int, shown: Sequence[str], tick: Callable[[], None]) -> None:
-        self.path, self.shown, self.tick = path, tuple(shown), tick
+    def __init__(self, path: Path, number: int, shown: Sequence[str], how: Aggregate, tick: Callable[[], None]) -> None:
+        self.path, self.shown, self.how, self.tick = path, tuple(shown), how, tick
         self.state: dict[str, Any] = {"trial": number, "step": 0, "steps": None, "metrics": {}}
 
-    def on_start(self, info: RunInfo, cfg: TrainConfig) -> None:
-        self.state["steps"] = cfg.steps
+    def on_start(self, info: RunInfo, configs: Sequence[TrainConfig]) -> None:
+        self.state["steps"] = configs[0].steps
         self.write()
 
-    def on_log(self, step: int, values: dict[str, float]) -> None:
+    def on_log_round(self, step: int, values: Sequence[dict[str, float]]) -> None:
         self.state["step"] = step
-        self.state["metrics"].update({k: v for k, v in values.items() if k in self.shown})
-        self.write()
+        self.show(values)
 
-    def on_eval(self, evaluation: Evaluation) -> None:
-        self.state["metrics"].update({k: v for k, v in evaluation.metrics.items() if k in self.shown})
+    def on_eval_round(self, step: int, evaluations: Sequence[Evaluation]) -> None:
+        self.show([evaluation.metrics for evaluation in evaluations])
+
+    def show(self, per_seed: Sequence[dict[str, float]]) -> None:
+        shown = [{k: v for k, v in values.items() if k in self.shown} for values in per_seed]
+        self.state["metrics"].update(aggregate_metrics(shown, self.how))
         self.write()
 
     def write(self) -> None:
@@ -63,13 +69,13 @@ class TrialProgress(TrainListener):
         self.tick()
 
 
-def progress_listeners(
+def progress_watchers(
     spec: StudySpec, status_dir: Path, tick: Callable[[], None]
-) -> Callable[[int], list[TrainListener]]:
+) -> Callable[[int], list[GroupListener]]:
     """A trial's display listeners, by trial number: its progress file, then `tick`."""
     shown = [*(objective.metric for objective in spec.objective_list), *SHOWN_METRICS]
     path = status_dir / f"{PROGRESS_PREFIX}{os.getpid()}.json"
-    return lambda number: [TrialProgress(path, number, shown, tick)]
+    return lambda number: [TrialProgress(path, number, shown, spec.aggregate, tick)]
 
 
 class Monitor:

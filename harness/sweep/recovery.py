@@ -68,18 +68,21 @@ def recover(sweep: Sweep) -> None:
 
 
 def close_orphan_runs(sweep: Sweep) -> None:
-    """Close each trial run left RUNNING by a trial that has ended; a lost trial's run ends KILLED."""
-    runs = tracking.running_trial_runs(sweep.client, sweep.spec.name)
-    if not runs:
+    """Close each trial run (and seed run) left RUNNING by a trial that has ended; a lost trial's runs end
+    KILLED."""
+    trial_runs = tracking.running_trial_runs(sweep.client, sweep.spec.name)
+    seed_runs = tracking.running_seed_runs(sweep.client, sweep.spec.name)
+    if not trial_runs and not seed_runs:
         return
     trials = {t.number: t for t in sweep.study.get_trials(deepcopy=False)}
     retries = {t.user_attrs[RETRY_ATTR]: t.number for t in trials.values() if RETRY_ATTR in t.user_attrs}
-    for number, run_id in runs.items():
+    for number in {*trial_runs, *seed_runs}:
         trial = trials.get(number)
         if trial is None or not trial.state.is_finished():
             continue
+        runs = [*seed_runs.get(number, []), *([trial_runs[number]] if number in trial_runs else [])]
+        end, error = TrialEnd[trial.state.name], trial.user_attrs.get(ERROR_ATTR)
         if number in retries:
-            error = f"{trial.user_attrs.get(ERROR_ATTR) or 'its worker died'}; retried as trial {retries[number]}"
-            close_trial_run(sweep.client, run_id, TrialEnd.LOST, error)
-        else:
-            close_trial_run(sweep.client, run_id, TrialEnd[trial.state.name], trial.user_attrs.get(ERROR_ATTR))
+            end, error = TrialEnd.LOST, f"{error or 'its worker died'}; retried as trial {retries[number]}"
+        for run_id in runs:
+            close_trial_run(sweep.client, run_id, end, error)

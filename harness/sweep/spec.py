@@ -36,6 +36,7 @@ DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 PLACEMENT: dict[str, bool | set[str]] = {"device": True, "data": {"root", "download"}}  # a model_dump exclude
 
 Scalar = bool | int | float | str
+Aggregate = Literal["mean", "median", "min"]
 
 
 class FloatSpace(Frozen):
@@ -244,7 +245,11 @@ class StudySpec(Frozen):
     storage: str | None = None
     tracking_uri: str | None = None
     train: TrainConfig = TrainConfig()
-    search: dict[str, Space] = Field(min_length=1)
+    search: dict[str, Space] = Field(
+        default_factory=dict
+    )  # empty: every trial trains the base config (e.g. the paper's, over repeats)
+    repeats: int = Field(1, ge=1)  # seeds a trial trains in lockstep: train.seed, train.seed + 1, ...
+    aggregate: Aggregate = "mean"  # how the seeds' values make the trial's
 
     @field_validator("objectives", mode="before")
     @classmethod
@@ -278,11 +283,14 @@ class StudySpec(Frozen):
 
     def fingerprint(self) -> dict[str, Any]:
         """What a resumed study must keep: objectives, the base config (but where it runs) and the search space."""
-        return {
+        fingerprint: dict[str, Any] = {
             "objectives": [o.model_dump() for o in self.objective_list],
             "train": self.train.model_dump(mode="json", exclude=PLACEMENT),
             "search": {key: space.model_dump(mode="json") for key, space in sorted(self.search.items())},
         }
+        if self.repeats > 1:  # a study of one seed a trial keeps the fingerprint it had before repeats existed
+            fingerprint |= {"repeats": self.repeats, "aggregate": self.aggregate}
+        return fingerprint
 
 
 def resolve_storage_url(url: str | None) -> str:
@@ -357,6 +365,9 @@ def check_search(spec: StudySpec, source: str) -> None:
     for key, space in spec.search.items():
         if key not in known:
             raise ConfigError(source, f"search.{key}", "not a train key")
+        if key == "seed" and spec.repeats > 1:
+            problem = f"cannot be searched with repeats: {spec.repeats} (each trial trains seeds seed, seed + 1, ...)"
+            raise ConfigError(source, "search.seed", problem)
         if isinstance(space, CategoricalSpace):
             values = {f"choices[{i}]": space.decode(c) for i, c in enumerate(space.optuna_choices())}
         else:

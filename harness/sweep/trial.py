@@ -8,6 +8,7 @@ import math
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
@@ -18,23 +19,27 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from harness import tracking
 from harness.config import TrainConfig, build_train_config, set_train_key
+from harness.evaluate import Evaluation
 from harness.sweep.bookkeeping import (
     ERROR_ATTR,
     RETRY_ATTR,
     RUN_ATTR,
+    SEEDS_ATTR,
     TrialEnd,
     close_trial_run,
     enqueue_retry,
 )
+from harness.sweep.seeds import SeedAggregate, aggregate, seed_configs
 from harness.sweep.signals import sigint_deferred
 from harness.sweep.spec import (
+    Aggregate,
     FloatSpace,
     IntSpace,
     Space,
     StudySpec,
 )
 from harness.sweep.storage import Sweep
-from harness.train import Evaluation, TrainListener, train
+from harness.train import Group, GroupListener, RunInfo, train_pack
 
 
 def suggest(trial: optuna.Trial, key: str, space: Space) -> Any:
@@ -54,39 +59,51 @@ def trial_config(spec: StudySpec, trial: optuna.Trial) -> TrainConfig:
     return build_train_config(tree, f"trial {trial.number}")
 
 
-class ObjectiveReporter(TrainListener):
-    """Keeps the objective metrics' last values; at each evaluation after training began reports the
-    (single) objective to Optuna, its step counting those evaluations, and stops a trial the pruner prunes."""
+class ObjectiveReporter(GroupListener):
+    """Keeps each seed's last value of the objective metrics; at each evaluation after training began reports
+    the (single) objective, aggregated across the seeds, to Optuna, its step counting those evaluations, and
+    stops a trial the pruner prunes: the pruner sees the seeds together, never one lucky or unlucky seed."""
 
-    def __init__(self, trial: optuna.Trial, metrics: Sequence[str], report: bool) -> None:
-        self.trial, self.metrics, self.report = trial, tuple(metrics), report
-        self.latest: dict[str, float] = {}
+    def __init__(self, trial: optuna.Trial, metrics: Sequence[str], how: Aggregate, report: bool) -> None:
+        self.trial, self.metrics, self.how, self.report = trial, tuple(metrics), how, report
+        self.latest: list[dict[str, float]] = []  # per seed
         self.evaluations = 0
 
-    def on_log(self, step: int, values: dict[str, float]) -> None:
-        self.latest.update(values)
+    def on_start(self, info: RunInfo, configs: Sequence[TrainConfig]) -> None:
+        self.latest = [{} for _ in configs]
 
-    def on_eval(self, evaluation: Evaluation) -> None:
-        self.latest.update(evaluation.metrics)
-        if evaluation.step == 0:
+    def on_log_round(self, step: int, values: Sequence[dict[str, float]]) -> None:
+        for latest, seed_values in zip(self.latest, values, strict=True):
+            latest.update(seed_values)
+
+    def on_eval_round(self, step: int, evaluations: Sequence[Evaluation]) -> None:
+        for latest, evaluation in zip(self.latest, evaluations, strict=True):
+            latest.update(evaluation.metrics)
+        if step == 0:
             return  # the untrained baseline, alike for all trials of a seed: nothing to prune on
         self.evaluations += 1
-        value = self.latest.get(self.metrics[0])
-        if not self.report or value is None:
+        if not self.report or any(self.metrics[0] not in latest for latest in self.latest):
             return
-        self.trial.report(value, self.evaluations)
+        self.trial.report(aggregate([latest[self.metrics[0]] for latest in self.latest], self.how), self.evaluations)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at evaluation {self.evaluations} (step {evaluation.step})")
+            raise optuna.TrialPruned(f"pruned at evaluation {self.evaluations} (step {step})")
+
+    def seed_values(self) -> list[list[float]]:
+        """Each seed's last value of each objective; ValueError when one is missing or not finite."""
+        rows = []
+        for latest in self.latest:
+            row = []
+            for metric in self.metrics:
+                value = latest.get(metric)
+                if value is None or not math.isfinite(value):
+                    raise ValueError(f"objective {metric} is {'never logged' if value is None else value}")
+                row.append(value)
+            rows.append(row)
+        return rows
 
     def values(self) -> list[float]:
-        """The objectives' last values; ValueError when one is missing or not finite."""
-        values = []
-        for metric in self.metrics:
-            value = self.latest.get(metric)
-            if value is None or not math.isfinite(value):
-                raise ValueError(f"objective {metric} is {'never logged' if value is None else value}")
-            values.append(value)
-        return values
+        """The objectives' last values, aggregated across the seeds."""
+        return [aggregate(list(column), self.how) for column in zip(*self.seed_values(), strict=True)]
 
 
 @contextmanager
@@ -118,50 +135,73 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_trial(sweep: Sweep, trial: optuna.Trial, listeners: Sequence[TrainListener]) -> None:
-    """Train one claimed trial and record its end in both stores. Errors fail the trial and are not
-    raised; Ctrl-C marks it interrupted, queues its retry, and is raised."""
+def run_trial(sweep: Sweep, trial: optuna.Trial, watchers: Sequence[GroupListener]) -> None:
+    """Train one claimed trial, its `repeats` seeds in lockstep, and record its end in both stores. Errors
+    fail the trial and are not raised; Ctrl-C marks it interrupted, queues its retry, and is raised."""
     spec, client = sweep.spec, sweep.client
     metrics = [objective.metric for objective in spec.objective_list]
-    run_id: str | None = None
+    runs = TrialRuns()
     end, values, error = TrialEnd.COMPLETE, None, None
     try:
         with heartbeat(sweep.storage, sweep.study, trial.number, sweep.heartbeat.interval_s):
             retry_of = trial.user_attrs.get(RETRY_ATTR)
             tags = {tracking.RETRY_TAG: str(retry_of)} if retry_of is not None else {}
-            run_id = tracking.start_trial_run(client, spec.name, sweep.parent_run_id, trial.number, tags)
-            trial.set_user_attr(RUN_ATTR, run_id)
-            reporter = ObjectiveReporter(trial, metrics, report=not spec.multi_objective)
-            train(trial_config(spec, trial), [tracking.RunLogger(client, run_id), reporter, *listeners])
+            runs.trial = tracking.start_trial_run(client, spec.name, sweep.parent_run_id, trial.number, tags)
+            trial.set_user_attr(RUN_ATTR, runs.trial)
+            reporter = ObjectiveReporter(trial, metrics, spec.aggregate, report=not spec.multi_objective)
+            configs = seed_configs(trial_config(spec, trial), spec.repeats)
+            if spec.repeats == 1:  # the trial's run is its only seed's
+                group = Group(configs, [[tracking.RunLogger(client, runs.trial)]], [reporter, *watchers])
+            else:
+                for cfg in configs:
+                    runs.seeds.append(tracking.start_seed_run(client, spec.name, runs.trial, trial.number, cfg.seed))
+                loggers = [[tracking.RunLogger(client, run_id)] for run_id in runs.seeds]
+                aggregated = SeedAggregate(client, runs.trial, spec.aggregate, metrics)
+                group = Group(configs, loggers, [aggregated, reporter, *watchers])
+            (outcome,) = train_pack([group])
+            if outcome.error is not None:
+                raise outcome.error
+            if spec.repeats > 1:
+                trial.set_user_attr(
+                    SEEDS_ATTR, {"seeds": [cfg.seed for cfg in configs], "values": reporter.seed_values()}
+                )
             values = reporter.values()
     except optuna.TrialPruned:
         end = TrialEnd.PRUNED
     except KeyboardInterrupt:
-        interrupt_trial(sweep, trial, run_id)
+        interrupt_trial(sweep, trial, runs)
         raise
     except Exception as err:  # any error fails this trial only (out of memory too): the sweep goes on
         end, error = TrialEnd.FAIL, f"{type(err).__name__}: {err}"
     with sigint_deferred():
-        end_trial(sweep, trial, run_id, end, values, error)
+        end_trial(sweep, trial, runs, end, values, error)
     free_memory()
 
 
-def interrupt_trial(sweep: Sweep, trial: optuna.Trial, run_id: str | None) -> None:
+@dataclass
+class TrialRuns:
+    """A trial's MLflow runs, as far as they were made: its own, and with repeats one per seed under it."""
+
+    trial: str | None = None
+    seeds: list[str] = field(default_factory=list)
+
+
+def interrupt_trial(sweep: Sweep, trial: optuna.Trial, runs: TrialRuns) -> None:
     """Ctrl-C: the trial fails as interrupted in both stores, and a retry is queued for the next start."""
     with sigint_deferred():
         enqueue_retry(sweep.study, trial)
-        end_trial(sweep, trial, run_id, TrialEnd.INTERRUPTED, error="interrupted")
+        end_trial(sweep, trial, runs, TrialEnd.INTERRUPTED, error="interrupted")
 
 
 def end_trial(
     sweep: Sweep,
     trial: optuna.Trial,
-    run_id: str | None,
+    runs: TrialRuns,
     end: TrialEnd,
     values: list[float] | None = None,
     error: str | None = None,
 ) -> None:
-    """Tell Optuna how the trial ended, then close its run the same way. A
+    """Tell Optuna how the trial ended, then close its runs the same way. A
     trial failed meanwhile as lost (its heartbeat went stale) keeps that end: its retry runs it again."""
     running = sweep.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     if any(t.number == trial.number for t in running):
@@ -170,5 +210,5 @@ def end_trial(
         sweep.study.tell(trial, values, state=end.optuna_state)
     else:
         end, error = TrialEnd.LOST, "failed as lost meanwhile (its heartbeat went stale); retried"
-    if run_id is not None:
+    for run_id in [*runs.seeds, *([runs.trial] if runs.trial else [])]:
         close_trial_run(sweep.client, run_id, end, error)

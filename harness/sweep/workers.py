@@ -21,7 +21,7 @@ from harness.sweep.bookkeeping import (
     counted,
     next_trial,
 )
-from harness.sweep.display import Monitor, progress_listeners, say
+from harness.sweep.display import Monitor, progress_watchers, say
 from harness.sweep.recovery import recover, worker_identity
 from harness.sweep.signals import EXIT_INTERRUPTED, sigint_deferred, sigint_ignored
 from harness.sweep.spec import (
@@ -35,8 +35,8 @@ from harness.sweep.storage import (
     open_study,
     quiet_optuna,
 )
-from harness.sweep.trial import interrupt_trial, run_trial
-from harness.train import TrainListener
+from harness.sweep.trial import TrialRuns, interrupt_trial, run_trial
+from harness.train import GroupListener
 
 IDLE_POLL_S = 2.0  # a worker with nothing to start waits for running trials this long between looks
 RECOVER_EVERY_S = 10.0
@@ -46,7 +46,7 @@ WORKER_STOP_TIMEOUT_S = 60
 def work_loop(
     sweep: Sweep,
     deadline: float | None,
-    listeners: Callable[[int], Sequence[TrainListener]],
+    watchers: Callable[[int], Sequence[GroupListener]],
     between: Callable[[], None],
 ) -> None:
     """Run trials until the study's places are all taken and none is running, or the deadline passes
@@ -61,10 +61,10 @@ def work_loop(
                     trial.set_user_attr(WORKER_ATTR, worker_identity())
         except KeyboardInterrupt:
             if trial is not None:
-                interrupt_trial(sweep, trial, None)
+                interrupt_trial(sweep, trial, TrialRuns())
             raise
         if trial is not None:
-            run_trial(sweep, trial, listeners(trial.number))
+            run_trial(sweep, trial, watchers(trial.number))
             continue
         if not sweep.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             return
@@ -96,7 +96,7 @@ def run_worker(spec_file: Path, worker: int, status_dir: Path, parent_pid: int) 
     client = tracking.client_for(spec.tracking_uri)
     sweep = Sweep(spec, study, storage, client, study.user_attrs[PARENT_ATTR], heartbeat)
     try:
-        work_loop(sweep, deadline, progress_listeners(spec, status_dir, lambda: None), lambda: None)
+        work_loop(sweep, deadline, progress_watchers(spec, status_dir, lambda: None), lambda: None)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     return 0
