@@ -17,6 +17,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -55,8 +56,8 @@ def main() -> None:
         evaluate = Evaluator(trainer.spec, held_out, cfg.seed, device)
         setup = time.perf_counter() - started
         batch = as_float_images(data.train_images[: cfg.optim.batch_size])
-        step = median_seconds(lambda: trainer.step(batch), args.steps)
-        evaluation = median_seconds(lambda: evaluate(trainer.model, 0), args.repeats)
+        step = median_seconds(partial(trainer.step, batch), args.steps)
+        evaluation = median_seconds(partial(evaluate, trainer.model, 0), args.repeats)
         window = cfg.eval_every * step
         result = {
             "study": path.stem,

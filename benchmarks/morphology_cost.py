@@ -28,8 +28,9 @@ from harness import metrics
 from harness.data import bundled_mnist_folder, read_split_folder
 from harness.evaluate import TRAVERSAL_RANGE
 from harness.latent import LatentSpec
+from harness.metric_names import PROPERTIES
 from harness.model import InfoGAN
-from harness.morphology import PROPERTIES, measure_digits
+from harness.morphology import measure_digits
 
 # (rows, values); 8 x 10 is the size of the traversal grids the trainer logs as images
 GRIDS = ((8, 10), (16, 5), (16, 10), (32, 5), (32, 10), (64, 5), (64, 10))

@@ -10,7 +10,8 @@ import pytest
 from skimage import draw, transform
 
 from harness.data import bundled_mnist_folder, read_split_folder
-from harness.morphology import PROPERTIES, measure_digits
+from harness.metric_names import PROPERTIES
+from harness.morphology import measure_digits
 
 SIZE = 28
 SUPERSAMPLE = 8  # shapes are drawn at 8x and averaged down: grey edges as in MNIST's anti-aliasing

@@ -130,8 +130,7 @@ def test_a_study_with_repeats_judges_each_trial_by_its_seeds(
 
     report = CliRunner().invoke(
         main,
-        ["report", str(study_file), "--storage", optuna_storage, "--tracking-uri", tracking_uri, "-o", "-"]
-        + ["--format", "json"],
+        ["report", str(study_file), "--storage", optuna_storage, "--tracking-uri", tracking_uri, "-o", "-", *JSON],
     )
     assert report.exit_code == 0, report.output
     (row,) = json.loads(report.stdout)

@@ -154,7 +154,7 @@ BAD_FILES = {
     "trials not a number": (edited(trials="ten"), "trials", "valid integer"),
     "trials zero": (edited(trials=0), "trials", "greater than 0"),
     "missing trials": (edited(trials=None), "trials", "required key is missing"),
-    "empty search": (edited(search={}), "search", "at least 1"),
+    "nothing searched, several trials": (edited(search={}), "trials", "nothing is searched: a study of one trial"),
     "bad study name": (edited(name="my study"), "name", "pattern"),
     "unknown metric": (
         edited(objective={"metric": "eval/acc", "direction": "maximize"}),

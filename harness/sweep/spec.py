@@ -360,6 +360,8 @@ def check_storage_url(url: str, source: str) -> None:
 
 def check_search(spec: StudySpec, source: str) -> None:
     """Every search key is a train key, and every bound or choice is a value that key accepts."""
+    if not spec.search and spec.trials > 1:  # every trial would train the same model
+        raise ConfigError(source, "trials", "nothing is searched: a study of one trial (repeats trains more seeds)")
     known = train_keys()
     base = spec.train.model_dump()
     for key, space in spec.search.items():
