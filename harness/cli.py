@@ -132,7 +132,8 @@ def bench_command(batch_size: int, steps: int, device: str) -> None:
     type=click.Path(path_type=Path, file_okay=False),
     default=None,
     metavar="DIR",
-    help="Also write Optuna's plots here (HTML and PNG) and log them to the study's parent run.",
+    help="Also write Optuna's plots (HTML, offline, and PNG), the best trials' traversals and every trial's "
+    "objective curve here, and log them to the study's parent run.",
 )
 def report_command(
     study_file: Path,
@@ -161,7 +162,7 @@ def report_command(
         path.write_text(text, encoding="utf-8")
         console.print(f"wrote {len(loaded.table)} trials to {path}")
     if plots is not None:
-        paths = write_plots(loaded.study, loaded.objectives, plots)
+        paths = write_plots(loaded.study, loaded.objectives, plots) + report.write_pictures(loaded, plots)
         parent = report.log_plots(loaded.client, loaded.runs, paths)
         logged = f"logged to run {parent}" if parent else "no parent run in MLflow to log them to"
         console.print(f"wrote {len(paths)} plots to {plots}/; {logged}")

@@ -7,17 +7,19 @@ import math
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import optuna
 import pandas as pd
+from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 from rich.table import Table
 
 from harness import tracking
 from harness.config import ConfigError
+from harness.report_figures import Curve, Panel, objective_curves, traversal_panels
 from harness.sweep.bookkeeping import RUN_ATTR, SEEDS_ATTR, reported_trials, trial_error
 from harness.sweep.plots import PLOTS_ARTIFACT_PATH
 from harness.sweep.seeds import SPREAD
@@ -206,6 +208,52 @@ def summary(table: pd.DataFrame, study: optuna.Study, objectives: list[str], con
     if not multi:
         params = ", ".join(f"{key}={format_value(value)}" for key, value in study.best_params.items())
         console.print(f"best parameters (trial {study.best_trial.number}): {params or 'none searched'}")
+
+
+def write_pictures(loaded: LoadedStudy, folder: Path, best: int = BEST_SHOWN) -> list[Path]:
+    """`best_traversals.png`, the last grid of the first categorical code of the `best` best complete trials
+    (with repeats, their first seed's), captioned with trial, value ± spread and searched params; and
+    `curves.png`, each objective against step for every trial that has a run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    table, client, first = loaded.table, loaded.client, value_columns(loaded.study)[0]
+    rows = cast(list[dict[str, Any]], table.to_dict(orient="records"))
+    panels = []
+    for row in [row for row in rows if row["state"] == "COMPLETE"][:best]:
+        run_id = row["mlflow_run_id"]
+        if row.get("seeds"):
+            run_id = next(iter(tracking.seed_run_ids(client, run_id)), run_id)
+        grid = tracking.last_traversal(client, run_id, "cat0")
+        if grid is not None:
+            panels.append(Panel(grid, caption(row, first, loaded.objectives[0])))
+    written = []
+    if panels:
+        title = f"study {loaded.name}: the best {len(panels)} trials' categorical traversals (rows: noise)"
+        written.append(save(traversal_panels(panels, title), folder / "best_traversals.png"))
+    curves = {
+        metric: [
+            Curve(row["trial"], row["state"], tracking.metric_points(client, row["mlflow_run_id"], metric))
+            for row in rows
+            if isinstance(row["mlflow_run_id"], str)
+        ]
+        for metric in loaded.objectives
+    }
+    written.append(save(objective_curves(curves), folder / "curves.png"))
+    return written
+
+
+def caption(row: dict[str, Any], value: str, metric: str) -> str:
+    """`trial 7: eval/cat_acc 0.812 ± 0.021` and a line per searched param."""
+    std = row.get(f"{value}_std")
+    spread = f" ± {format_value(std, 2)}" if isinstance(std, float) and not math.isnan(std) else ""
+    params = [
+        f"{key.removeprefix('param.')}={format_value(v, 3)}" for key, v in row.items() if key.startswith("param.")
+    ]
+    return "\n".join([f"trial {row['trial']}: {metric} {format_value(row[value], 3)}{spread}", *params])
+
+
+def save(figure: Figure, path: Path) -> Path:
+    figure.savefig(path, dpi=100)
+    return path
 
 
 def log_plots(client: MlflowClient, runs: list[dict[str, Any]], paths: list[Path]) -> str | None:

@@ -12,8 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
+from matplotlib import image as mpimg
 from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -228,6 +230,34 @@ def trial_runs(client: MlflowClient, experiment: str, study: str) -> list[dict[s
         row.update({f"metric.{name}": value for name, value in sorted(run.data.metrics.items())})
         rows.append(row)
     return rows
+
+
+def metric_points(client: MlflowClient, run_id: str, metric: str) -> list[tuple[int, float]]:
+    """A metric's (step, value) history in a run, by step."""
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, metric))
+
+
+def seed_run_ids(client: MlflowClient, trial_run_id: str) -> list[str]:
+    """The runs of a trial's seeds, nested under its run, by seed."""
+    run = client.get_run(trial_run_id)
+    found = client.search_runs(
+        [run.info.experiment_id],
+        f"tags.{MLFLOW_PARENT_RUN_ID} = '{trial_run_id}' and tags.`{ROLE_TAG}` = '{SEED_ROLE}'",
+    )
+    return [r.info.run_id for r in sorted(found, key=lambda r: int(r.data.params.get("seed", 0)))]
+
+
+def last_traversal(client: MlflowClient, run_id: str, grid: str) -> np.ndarray | None:
+    """The run's traversal grid `grid` (e.g. cat0) of its last evaluation, (H, W, 3) floats; None without one."""
+    steps = sorted(a.path for a in client.list_artifacts(run_id, "traversals") if a.is_dir)
+    if not steps:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = client.download_artifacts(run_id, f"{steps[-1]}/{grid}.png", folder)
+        except MlflowException:
+            return None
+        return mpimg.imread(path)[..., :3]
 
 
 def log_files(client: MlflowClient, run_id: str, paths: list[Path], artifact_path: str) -> None:

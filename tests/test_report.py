@@ -14,6 +14,7 @@ import optuna
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from matplotlib import pyplot as plt
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
@@ -182,12 +183,18 @@ def test_multi_objective_pareto_first_and_plots(tmp_path: Path) -> None:
     assert list(table["trial"]) == [1, 2, 0, 3]
     assert list(table.columns[2:4]) == ["value_0", "value_1"]
     assert "maximize eval/cat_acc, minimize loss/d" in result.stderr and "Pareto front" in result.stderr
-    stems = {p.stem for p in plots.iterdir()}
+    stems = {p.stem for p in plots.glob("*.html")}
     plotted = ("optimization_history", "param_importances", "parallel_coordinate", "slice")
     assert stems == {"pareto_front"} | {f"{p}_{m}" for p in plotted for m in ("eval_cat_acc", "loss_d")}
-    for stem in stems:
+    for stem in [*stems, "curves"]:  # no traversals here to show: no best_traversals.png
         assert (plots / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert "plotly" in (plots / f"{stem}.html").read_text()
+    assert {p.name for p in plots.iterdir()} == {f"{s}.{e}" for s in stems for e in ("html", "png")} | {
+        "curves.png",
+        "plotly.min.js",
+    }
+    for stem in stems:  # offline: plotly.js from the copy beside them, never a CDN
+        html = (plots / f"{stem}.html").read_text()
+        assert 'src="plotly.min.js"' in html and "cdn.plot.ly" not in html
 
 
 def test_missing_study_or_store_exits_2(single: tuple[Path, optuna.Study], tmp_path: Path) -> None:
@@ -231,10 +238,10 @@ def test_report_of_a_real_sweep(sweep: SweepStore, tmp_path: Path) -> None:
         assert not any(math.isnan(row[f"metric.{name}"]) for name in LOG_METRICS + EVAL_METRICS)
     assert f"{len(study.trials)} trials ({len(study.trials)} COMPLETE); maximize eval/cat_acc" in result.stderr
     assert f"best parameters (trial {study.best_trial.number}): loss.lambda_cat=" in result.stderr
-    names = {
-        f"{stem}.{ext}" for stem in (*PLOTS, "intermediate_values") for ext in ("html", "png")
-    }  # its trials report
+    names = {f"{stem}.{ext}" for stem in (*PLOTS, "intermediate_values") for ext in ("html", "png")}
+    names |= {"best_traversals.png", "curves.png", "plotly.min.js"}
     assert {path.name for path in plots.iterdir()} == names
+    assert plt.imread(plots / "best_traversals.png").shape[1] == 2 * 320  # both trials, side by side
     parent = study.user_attrs["mlflow_parent_run_id"]
     logged = {Path(a.path).name for a in client.list_artifacts(parent, "plots")}
     assert names <= logged  # the sweep logged its PNGs there too, the report adds the HTML

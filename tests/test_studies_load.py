@@ -12,7 +12,7 @@ STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml"
 
 
 def test_the_issue_names_are_all_there() -> None:
-    assert {path.stem for path in STUDIES} >= {"lambda", "codes", "lr", "paper", "smoke"}
+    assert {path.stem for path in STUDIES} >= {"lambda", "codes", "lr", "paper", "smoke", "continuous"}
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=[path.stem for path in STUDIES])

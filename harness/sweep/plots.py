@@ -82,7 +82,8 @@ def matplotlib_figures(study: optuna.Study, metrics: Sequence[str]) -> dict[str,
 
 
 def write_plots(study: optuna.Study, metrics: Sequence[str], folder: Path) -> list[Path]:
-    """The study's plots as HTML (plotly) and PNG (matplotlib) files in `folder`."""
+    """The study's plots as HTML (plotly) and PNG (matplotlib) files in `folder`; the HTML works offline: it
+    loads plotly.js from the copy written once beside it."""
     from matplotlib import pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -91,8 +92,9 @@ def write_plots(study: optuna.Study, metrics: Sequence[str], folder: Path) -> li
         html, png = draw(study, job, "plotly"), draw(study, job, "matplotlib")
         if html is None or png is None:
             continue
-        html.write_html(folder / f"{job.stem}.html", include_plotlyjs="cdn")  # as mlflow.log_figure does
+        html.write_html(folder / f"{job.stem}.html", include_plotlyjs="directory")  # writes plotly.min.js
         png.savefig(folder / f"{job.stem}.png", dpi=100, bbox_inches="tight")
         plt.close(png)
         written += [folder / f"{job.stem}.html", folder / f"{job.stem}.png"]
-    return written
+    script = folder / "plotly.min.js"
+    return [*written, script] if written and script.is_file() else written
