@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from harness import signals
 from harness.config import ConfigError, TrainConfig, load_train_config
 from harness.evaluate import Evaluation
 from harness.train import RunInfo, TrainListener, train
@@ -57,7 +58,8 @@ def progress_display(quiet: bool) -> Progress:
 
 
 class HarnessGroup(click.Group):
-    """Bad input exits 2 with one line on stderr, never a traceback."""
+    """Bad input exits 2 with one line on stderr, never a traceback; Ctrl-C and SIGTERM stop a command as
+    it winds up after them, with exit code 128 + the signal's number."""
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -65,11 +67,16 @@ class HarnessGroup(click.Group):
         except ConfigError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt as err:
+            click.echo(signals.reason(err), err=True)
+            sys.exit(signals.exit_code(err))
 
 
 @click.group(cls=HarnessGroup)
 def main() -> None:
     """Find, by sweeping, the InfoGAN settings that best disentangle MNIST."""
+    if threading.current_thread() is threading.main_thread():
+        signals.stop_signals_raise()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
 
@@ -177,7 +184,6 @@ def ui_command(tracking_uri: str | None, host: str, port: int) -> None:
     from harness import server, tracking
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server with us
     try:
         with server.serve_ui(uri, host, port) as ui:
             click.echo(f"MLflow UI over {uri} at {ui.url} (Ctrl-C stops it)")
@@ -187,9 +193,7 @@ def ui_command(tracking_uri: str | None, host: str, port: int) -> None:
                     click.echo(f"  {links.name}: compare trials {links.compare}")
             code = ui.process.wait()
     except KeyboardInterrupt:
-        return  # Ctrl-C, at any moment: the server stopped as the block ended
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        return  # Ctrl-C or SIGTERM, at any moment: the server stopped as the block ended
     if code:
         click.echo(f"error: mlflow server exited with code {code}", err=True)
         sys.exit(1)

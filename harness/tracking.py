@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from harness import signals
 from harness.config import TrainConfig, flatten
 from harness.evaluate import Evaluation
 from harness.train import RunInfo, TrainListener
@@ -170,13 +171,13 @@ def tracked_run(
     tags: Mapping[str, str] | None = None,
     parent_run_id: str | None = None,
 ) -> Iterator[RunLogger]:
-    """A run that ends FINISHED, FAILED (error as tag `error`) or KILLED on Ctrl-C."""
+    """A run that ends FINISHED, FAILED (error as tag `error`) or KILLED on Ctrl-C or SIGTERM."""
     experiment_id = ensure_experiment(client, experiment)
     run_id = start_run(client, experiment_id, run_name or "train", tags, parent_run_id)
     try:
         yield RunLogger(client, run_id)
-    except KeyboardInterrupt:
-        end_run(client, run_id, RunStatus.to_string(RunStatus.KILLED), {ERROR_TAG: "interrupted"})
+    except KeyboardInterrupt as err:
+        end_run(client, run_id, RunStatus.to_string(RunStatus.KILLED), {ERROR_TAG: signals.reason(err)})
         raise
     except BaseException as err:
         end_run(client, run_id, RunStatus.to_string(RunStatus.FAILED), {ERROR_TAG: f"{type(err).__name__}: {err}"})

@@ -230,32 +230,37 @@ def test_killed_sweep_resumes_with_a_retry_of_the_lost_trial(
     assert_nothing_running(trials, children, parent)
 
 
+# Ctrl-C and SIGTERM (timeout, Kubernetes, SLURM, systemd): the exit code and the error a stopped trial keeps
+STOPS = [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "interrupted (SIGTERM)")]
+
+
 @pytest.mark.slow
-def test_ctrl_c_marks_the_trial_interrupted_in_both_stores(
-    tmp_path: Path, optuna_storage: str, tracking_uri: str
+@pytest.mark.parametrize(("signum", "code", "error"), STOPS, ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_marks_the_trial_interrupted_in_both_stores(
+    tmp_path: Path, optuna_storage: str, tracking_uri: str, signum: int, code: int, error: str
 ) -> None:
-    long = {**TINY_TRAIN, "steps": 200}  # Ctrl-C lands while it trains; it never trains to the end
+    long = {**TINY_TRAIN, "steps": 200}  # the signal lands while it trains; it never trains to the end
     study_file = write_study(tmp_path, "interrupt", 2, LAMBDA_SEARCH, train=long)
     log = tmp_path / "sweep.log"
     process = start_sweep(study_file, optuna_storage, tracking_uri, log)
     try:
         wait_for(trial_running(optuna_storage, "interrupt", tracking_uri), process, log)
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=WAIT_S) == 130, log.read_text()
+        process.send_signal(signum)
+        assert process.wait(timeout=WAIT_S) == code, log.read_text()
     finally:
         process.kill()
         process.wait()
 
     trials = trials_of(optuna_storage, "interrupt")
     interrupted = trials[0]
-    assert interrupted.state == TrialState.FAIL and interrupted.user_attrs["error"] == "interrupted"
+    assert interrupted.state == TrialState.FAIL and interrupted.user_attrs["error"] == error
     waiting = [t for t in trials if t.state == TrialState.WAITING]
     assert [t.user_attrs["retry_of"] for t in waiting] == [interrupted.number]
     assert waiting[0].system_attrs["fixed_params"] == interrupted.params
     parent, children = runs_of(tracking_uri, "interrupt")
     assert parent.info.status == "KILLED"
     run = {run.info.run_id: run for run in children}[interrupted.user_attrs["mlflow_run_id"]]
-    assert run.info.status == "FAILED" and run.data.tags["error"] == "interrupted"
+    assert run.info.status == "FAILED" and run.data.tags["error"] == error
     assert run.data.tags["harness.state"] == "INTERRUPTED"
     assert_nothing_running(trials, children, parent)
 

@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tests.test_sweep import (
     LAMBDA_SEARCH,
+    STOPS,
     TINY_TRAIN,
     WAIT_S,
     assert_nothing_running,
@@ -63,8 +64,9 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.slow
-def test_ctrl_c_interrupts_both_workers_and_queues_a_retry_of_each_trial(
-    tmp_path: Path, optuna_storage: str, tracking_uri: str
+@pytest.mark.parametrize(("signum", "code", "error"), STOPS, ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_interrupts_both_workers_and_queues_a_retry_of_each_trial(
+    tmp_path: Path, optuna_storage: str, tracking_uri: str, signum: int, code: int, error: str
 ) -> None:
     long = {**TINY_TRAIN, "steps": 2000, "eval_every": 1000, "log_every": 10}  # Ctrl-C lands long before the end
     study_file = write_study(tmp_path, "stop", 2, LAMBDA_SEARCH, train=long)
@@ -72,8 +74,8 @@ def test_ctrl_c_interrupts_both_workers_and_queues_a_retry_of_each_trial(
     process = start_sweep(study_file, optuna_storage, tracking_uri, log, workers=2)
     try:
         wait_for(lambda: len(running_trials(optuna_storage, "stop", tracking_uri)) == 2, process, log)
-        process.send_signal(signal.SIGINT)  # a terminal's Ctrl-C reaches the coordinator; it tells the workers
-        assert process.wait(timeout=WAIT_S) == 130, log.read_text()
+        process.send_signal(signum)  # Ctrl-C, or a scheduler's SIGTERM, reaches the coordinator; it tells the workers
+        assert process.wait(timeout=WAIT_S) == code, log.read_text()
     finally:
         process.kill()
         process.wait()
@@ -82,7 +84,7 @@ def test_ctrl_c_interrupts_both_workers_and_queues_a_retry_of_each_trial(
     trials = trials_of(optuna_storage, "stop")
     interrupted = [t for t in trials if "retry_of" not in t.user_attrs]
     assert len(interrupted) == 2 and len(trials) == 4
-    assert all(t.state == TrialState.FAIL and t.user_attrs["error"] == "interrupted" for t in interrupted)
+    assert all(t.state == TrialState.FAIL and t.user_attrs["error"] == error for t in interrupted)
     assert len({t.user_attrs["worker"]["pid"] for t in interrupted}) == 2, "one trial in each worker"
     assert not any(process_alive(t.user_attrs["worker"]) for t in interrupted), "a worker outlived the sweep"
     waiting = {t.user_attrs["retry_of"]: t for t in trials if t.state == TrialState.WAITING}
@@ -96,7 +98,7 @@ def test_ctrl_c_interrupts_both_workers_and_queues_a_retry_of_each_trial(
     assert len(runs) == 2
     for trial in interrupted:
         run = runs[trial.user_attrs["mlflow_run_id"]]
-        assert run.info.status == "FAILED" and run.data.tags["error"] == "interrupted"
+        assert run.info.status == "FAILED" and run.data.tags["error"] == error
         assert run.data.tags["harness.state"] == "INTERRUPTED"
     assert_nothing_running(trials, children, parent)
 

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -73,3 +79,38 @@ def test_tracking_uri_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
     assert tracking.resolve_tracking_uri() == f"sqlite:///{tmp_path / 'env.db'}"
     assert tracking.resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+@pytest.mark.slow
+def test_sigterm_stops_harness_train_and_closes_its_run_killed(tracking_uri: str, tmp_path: Path) -> None:
+    sets = ["data.download=false", *same_on_every_machine(tmp_path), "optim.batch_size=16", "steps=5000", "log_every=2"]
+    command = [sys.executable, "-m", "harness.cli", "train", "--tracking-uri", tracking_uri, "--experiment", "t"]
+    command += ["--quiet", *(arg for override in sets for arg in ("--set", override))]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not logged_a_loss(tracking_uri):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)  # as `timeout`, Kubernetes, SLURM and systemd stop a process
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted (SIGTERM)"
+    run = only_run(MlflowClient(tracking_uri), "t")
+    assert run.info.status == "KILLED" and run.data.tags["error"] == "interrupted (SIGTERM)"
+
+
+def logged_a_loss(tracking_uri: str) -> bool:
+    """Whether the store holds a loss (the run is training), read with sqlite3 alone: an MLflow client opened
+    while `harness train` creates the store's tables would race it to create them."""
+    path = Path(tracking_uri.removeprefix("sqlite:///"))
+    if not path.is_file():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            return db.execute("SELECT 1 FROM metrics WHERE key = 'loss/d' LIMIT 1").fetchone() is not None
+    except sqlite3.OperationalError:  # no such table yet, or locked
+        return False

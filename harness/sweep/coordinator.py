@@ -10,14 +10,13 @@ from mlflow.entities import RunStatus
 from optuna.trial import TrialState
 from rich.console import Console
 
-from harness import tracking
+from harness import signals, tracking
 from harness.sweep.bookkeeping import (
     PARENT_ATTR,
     counted,
 )
 from harness.sweep.display import Monitor, progress_watchers, say
 from harness.sweep.recovery import recover
-from harness.sweep.signals import EXIT_INTERRUPTED, sigint_ignored
 from harness.sweep.spec import (
     StudySpec,
 )
@@ -37,7 +36,8 @@ from harness.urls import display_url
 
 def run_sweep(spec: StudySpec, study_file: Path, workers: int, console: Console) -> int:
     """Run or resume the study to `trials` counted trials, in-process or with `workers` processes.
-    Returns the exit code: 0, 1 when a worker process failed, 130 on Ctrl-C."""
+    Returns the exit code: 0, 1 when a worker process failed, 128 + the signal's number when stopped (130:
+    Ctrl-C, 143: SIGTERM)."""
     quiet_optuna()
     heartbeat = Heartbeat()
     storage = open_storage(spec.storage_url, heartbeat)
@@ -64,10 +64,10 @@ def run_sweep(spec: StudySpec, study_file: Path, workers: int, console: Console)
                     work_loop(sweep, deadline, progress_watchers(spec, status_dir, monitor.poll), between)
                 else:
                     code = supervise(sweep, min(workers, spec.trials), status_dir, monitor)
-        except KeyboardInterrupt:
-            status, code = RunStatus.to_string(RunStatus.KILLED), EXIT_INTERRUPTED
+        except KeyboardInterrupt as err:
+            status, code = RunStatus.to_string(RunStatus.KILLED), signals.exit_code(err)
         except BaseException as err:
-            with sigint_ignored():
+            with signals.ignored():
                 recover(sweep)
                 tracking.end_run(
                     client,
@@ -76,14 +76,14 @@ def run_sweep(spec: StudySpec, study_file: Path, workers: int, console: Console)
                     {tracking.ERROR_TAG: f"{type(err).__name__}: {err}"},
                 )
             raise
-    with sigint_ignored():
+    with signals.ignored():
         recover(sweep)
         close_study_run(sweep, status)
-    print_summary(sweep, console, code)
+    print_summary(sweep, console, interrupted=status == RunStatus.to_string(RunStatus.KILLED))
     return code
 
 
-def print_summary(sweep: Sweep, console: Console, code: int) -> None:
+def print_summary(sweep: Sweep, console: Console, interrupted: bool) -> None:
     """The closing lines: trial counts, the best trial, where both stores are."""
     spec, study = sweep.spec, sweep.study
     trials = study.get_trials(deepcopy=False)
@@ -93,7 +93,7 @@ def print_summary(sweep: Sweep, console: Console, code: int) -> None:
         for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     )
     say(console, f"study {spec.name}: {len(done)}/{spec.trials} trials finished ({by_state})")
-    if code == EXIT_INTERRUPTED:
+    if interrupted:
         say(console, "interrupted: run the same command again to resume")
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if complete and not spec.multi_objective:

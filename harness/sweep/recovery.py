@@ -16,7 +16,7 @@ import psutil
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from harness import tracking
+from harness import signals, tracking
 from harness.sweep.bookkeeping import (
     ERROR_ATTR,
     RETRY_ATTR,
@@ -25,7 +25,6 @@ from harness.sweep.bookkeeping import (
     close_trial_run,
     enqueue_retry,
 )
-from harness.sweep.signals import sigint_deferred
 from harness.sweep.storage import Sweep
 
 
@@ -54,7 +53,7 @@ def worker_gone(trial: FrozenTrial, grace_s: int) -> bool:
 
 def recover(sweep: Sweep) -> None:
     """Fail and retry the lost trials, then close the trial runs their workers left RUNNING."""
-    with sigint_deferred():
+    with signals.deferred():
         optuna.storages.fail_stale_trials(sweep.study)  # stale heartbeats; the storage's callback retries them
         for trial in sweep.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if not worker_gone(trial, sweep.heartbeat.grace_s):

@@ -17,7 +17,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
-from harness import tracking
+from harness import signals, tracking
 from harness.config import TrainConfig, build_train_config, set_train_key
 from harness.evaluate import Evaluation
 from harness.sweep.bookkeeping import (
@@ -30,7 +30,6 @@ from harness.sweep.bookkeeping import (
     enqueue_retry,
 )
 from harness.sweep.seeds import SeedAggregate, aggregate, seed_configs
-from harness.sweep.signals import sigint_deferred
 from harness.sweep.spec import (
     Aggregate,
     FloatSpace,
@@ -137,7 +136,7 @@ def free_memory() -> None:
 
 def run_trial(sweep: Sweep, trial: optuna.Trial, watchers: Sequence[GroupListener]) -> None:
     """Train one claimed trial, its `repeats` seeds in lockstep, and record its end in both stores. Errors
-    fail the trial and are not raised; Ctrl-C marks it interrupted, queues its retry, and is raised."""
+    fail the trial and are not raised; a stop signal marks it interrupted, queues its retry, and is raised."""
     spec, client = sweep.spec, sweep.client
     metrics = [objective.metric for objective in spec.objective_list]
     runs = TrialRuns()
@@ -168,12 +167,12 @@ def run_trial(sweep: Sweep, trial: optuna.Trial, watchers: Sequence[GroupListene
             values = reporter.values()
     except optuna.TrialPruned:
         end = TrialEnd.PRUNED
-    except KeyboardInterrupt:
-        interrupt_trial(sweep, trial, runs)
+    except KeyboardInterrupt as err:
+        interrupt_trial(sweep, trial, runs, signals.reason(err))
         raise
     except Exception as err:  # any error fails this trial only (out of memory too): the sweep goes on
         end, error = TrialEnd.FAIL, f"{type(err).__name__}: {err}"
-    with sigint_deferred():
+    with signals.deferred():
         end_trial(sweep, trial, runs, end, values, error)
     free_memory()
 
@@ -186,11 +185,12 @@ class TrialRuns:
     seeds: list[str] = field(default_factory=list)
 
 
-def interrupt_trial(sweep: Sweep, trial: optuna.Trial, runs: TrialRuns) -> None:
-    """Ctrl-C: the trial fails as interrupted in both stores, and a retry is queued for the next start."""
-    with sigint_deferred():
+def interrupt_trial(sweep: Sweep, trial: optuna.Trial, runs: TrialRuns, reason: str) -> None:
+    """A stop signal: the trial fails as interrupted (`reason`) in both stores, and a retry is queued for the
+    next start."""
+    with signals.deferred():
         enqueue_retry(sweep.study, trial)
-        end_trial(sweep, trial, runs, TrialEnd.INTERRUPTED, error="interrupted")
+        end_trial(sweep, trial, runs, TrialEnd.INTERRUPTED, error=reason)
 
 
 def end_trial(

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from optuna.trial import TrialState
 
-from harness import tracking
+from harness import signals, tracking
 from harness.sweep.bookkeeping import (
     PARENT_ATTR,
     WORKER_ATTR,
@@ -23,7 +23,6 @@ from harness.sweep.bookkeeping import (
 )
 from harness.sweep.display import Monitor, progress_watchers, say
 from harness.sweep.recovery import recover, worker_identity
-from harness.sweep.signals import EXIT_INTERRUPTED, sigint_deferred, sigint_ignored
 from harness.sweep.spec import (
     StudySpec,
 )
@@ -55,13 +54,13 @@ def work_loop(
         between()
         trial = None
         try:
-            with sigint_deferred():  # an asked trial that names no worker would look alive for the grace period
+            with signals.deferred():  # an asked trial that names no worker would look alive for the grace period
                 trial = next_trial(sweep.study, sweep.spec.trials)
                 if trial is not None:
                     trial.set_user_attr(WORKER_ATTR, worker_identity())
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
             if trial is not None:
-                interrupt_trial(sweep, trial, TrialRuns())
+                interrupt_trial(sweep, trial, TrialRuns(), signals.reason(err))
             raise
         if trial is not None:
             run_trial(sweep, trial, watchers(trial.number))
@@ -84,7 +83,7 @@ def exit_with_parent(parent_pid: int) -> None:
 
 def run_worker(spec_file: Path, worker: int, status_dir: Path, parent_pid: int) -> int:
     """One worker process of `harness sweep --workers N`, on the coordinator's spec (JSON): trials until
-    the study is done; 130 on Ctrl-C."""
+    the study is done; 128 + the signal's number when stopped (130: Ctrl-C, 143: SIGTERM)."""
     exit_with_parent(parent_pid)
     quiet_optuna()
     spec, source = StudySpec.model_validate_json(spec_file.read_text(encoding="utf-8")), str(spec_file)
@@ -97,8 +96,8 @@ def run_worker(spec_file: Path, worker: int, status_dir: Path, parent_pid: int) 
     sweep = Sweep(spec, study, storage, client, study.user_attrs[PARENT_ATTR], heartbeat)
     try:
         work_loop(sweep, deadline, progress_watchers(spec, status_dir, lambda: None), lambda: None)
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as err:
+        return signals.exit_code(err)
     return 0
 
 
@@ -136,8 +135,8 @@ def spawn_worker(spec_file: Path, worker: int, workers: int, device: str, status
 
 def supervise(sweep: Sweep, workers: int, status_dir: Path, monitor: Monitor) -> int:
     """Run `workers` worker processes to the end, recovering the trials of any that dies (the others run
-    the retries); 1 when one failed and the study fell short. Ctrl-C is passed on to the workers, which
-    mark their trials interrupted."""
+    the retries); 1 when one failed and the study fell short. A stop signal (Ctrl-C, SIGTERM) is passed on
+    to the workers, which mark their trials interrupted."""
     recover(sweep)
     spec_file = status_dir / "study.json"  # the workers' spec: this one, whatever happens to the file
     spec = sweep.spec.model_copy(update={"tracking_uri": sweep.client.tracking_uri})
@@ -153,9 +152,9 @@ def supervise(sweep: Sweep, workers: int, status_dir: Path, monitor: Monitor) ->
             if now_alive < alive or time.monotonic() - recovered > RECOVER_EVERY_S:
                 recover(sweep)
                 alive, recovered = now_alive, time.monotonic()
-    except KeyboardInterrupt:
-        with sigint_ignored():
-            stop_workers(processes)
+    except KeyboardInterrupt as err:
+        with signals.ignored():
+            stop_workers(processes, signals.signal_of(err))
         raise
     failed = [i for i, process in enumerate(processes) if process.returncode != 0]
     for i in failed:
@@ -169,11 +168,11 @@ def supervise(sweep: Sweep, workers: int, status_dir: Path, monitor: Monitor) ->
     return 1 if failed and short else 0
 
 
-def stop_workers(processes: Sequence[subprocess.Popen[bytes]]) -> None:
-    """Interrupt the running workers and wait for their bookkeeping; kill any that hangs."""
+def stop_workers(processes: Sequence[subprocess.Popen[bytes]], signum: int) -> None:
+    """Pass a stop signal on to the running workers and wait for their bookkeeping; kill any that hangs."""
     for process in processes:
         if process.poll() is None:
-            process.send_signal(signal.SIGINT)
+            process.send_signal(signum)
     for process in processes:
         try:
             process.wait(timeout=WORKER_STOP_TIMEOUT_S)
