@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import socket
 import struct
 import warnings
 from dataclasses import dataclass
@@ -17,12 +18,17 @@ from harness.config import DataConfig
 # torchvision's folder name per dataset: <root>/<folder>/raw/
 TORCHVISION_FOLDER = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+DOWNLOAD_TIMEOUT_S = 30  # a network that hangs rather than refuses costs this, once
 SPLIT_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+
+
+class DataFallbackWarning(UserWarning):
+    """The dataset is not where the config says, or cannot be downloaded: runs use the fallback that ships."""
 
 
 class DataUnavailableError(RuntimeError):
@@ -83,43 +89,73 @@ def read_split_folder(folder: Path, source: str) -> Dataset | None:
 
 
 def download(cfg: DataConfig) -> None:
-    """Fetch the dataset into `<root>/<folder>/raw` with torchvision; warns when offline."""
+    """Fetch the dataset into `<root>/<folder>/raw` with torchvision, giving a silent network DOWNLOAD_TIMEOUT_S
+    a try; warns in one line when offline."""
     from torchvision import datasets
 
     cls = datasets.MNIST if cfg.dataset == "mnist" else datasets.FashionMNIST
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
         for train in (True, False):
             cls(cfg.root, train=train, download=True)
     except (OSError, RuntimeError) as err:  # URLError is an OSError
-        warnings.warn(f"could not download {cfg.dataset}: {' '.join(str(err).split())}", stacklevel=2)
+        reason = " ".join(str(err).split())[:120]
+        warnings.warn(f"could not download {cfg.dataset}: {reason}", DataFallbackWarning, stacklevel=2)
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def bundled_mnist_folder() -> Path:
     return Path(str(resources.files("harness") / "bundled" / "mnist-10k"))
 
 
+def raw_folder(cfg: DataConfig) -> Path:
+    return Path(cfg.root) / TORCHVISION_FOLDER[cfg.dataset] / "raw"
+
+
+def has_split(folder: Path) -> bool:
+    """Whether a folder holds all four IDX files."""
+    return all(find_idx(folder, stem) is not None for stem in SPLIT_FILES.values())
+
+
+def locate(cfg: DataConfig) -> tuple[Path, str]:
+    """Where the data is read from, and its source: torchvision's layout under `cfg.root`, else the bundled
+    real-MNIST subset (MNIST) or Debian's package (Fashion-MNIST)."""
+    if has_split(raw_folder(cfg)):
+        return raw_folder(cfg), "torchvision"
+    if cfg.dataset == "mnist":
+        return bundled_mnist_folder(), "bundled-10k"
+    if has_split(DEBIAN_FASHION_MNIST):
+        return DEBIAN_FASHION_MNIST, "debian"
+    raise DataUnavailableError(
+        f"Fashion-MNIST is not in {raw_folder(cfg)} nor {DEBIAN_FASHION_MNIST} "
+        "(apt-get install dataset-fashion-mnist, or set data.download: true when online)"
+    )
+
+
+def settle(cfg: DataConfig) -> DataConfig:
+    """Decide once which data many runs use (a sweep's trials): download now if asked and missing, then the
+    config for the runs, which do not ask the network again."""
+    if cfg.download and not has_split(raw_folder(cfg)):
+        download(cfg)
+    return cfg.model_copy(update={"download": False})
+
+
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Load from `cfg.root`, downloading if asked; else fall back (with a warning) to what ships."""
-    raw = Path(cfg.root) / TORCHVISION_FOLDER[cfg.dataset] / "raw"
-    found = read_split_folder(raw, "torchvision")
-    if found is None and cfg.download:
+    if cfg.download and not has_split(raw_folder(cfg)):
         download(cfg)
-        found = read_split_folder(raw, "torchvision")
-    if found is not None:
-        return found
-    if cfg.dataset == "fashion-mnist":
-        found = read_split_folder(DEBIAN_FASHION_MNIST, "debian")
-        if found is None:
-            raise DataUnavailableError(
-                f"Fashion-MNIST is not in {raw} nor {DEBIAN_FASHION_MNIST} "
-                "(apt-get install dataset-fashion-mnist, or set data.download: true when online)"
-            )
-    else:
-        found = read_split_folder(bundled_mnist_folder(), "bundled-10k")
-        assert found is not None, "the bundled MNIST subset is missing from the package"
-    warnings.warn(
-        f"{cfg.dataset} not found in {raw}: using {found.source} data from {found.location} "
-        f"({len(found.train_images)} train / {len(found.test_images)} test images)",
-        stacklevel=2,
-    )
+    folder, source = locate(cfg)
+    found = read_split_folder(folder, source)
+    assert found is not None, f"{folder} holds the four IDX files"
+    if source != "torchvision":
+        warnings.warn(fallback_note(cfg, found), DataFallbackWarning, stacklevel=2)
     return found
+
+
+def fallback_note(cfg: DataConfig, data: Dataset) -> str:
+    return (
+        f"{cfg.dataset} not found in {raw_folder(cfg)}: using {data.source} data from {data.location} "
+        f"({len(data.train_images)} train / {len(data.test_images)} test images)"
+    )

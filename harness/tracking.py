@@ -24,6 +24,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from harness import signals
 from harness.config import TrainConfig, flatten
 from harness.evaluate import Evaluation
+from harness.store_init import created_once
 from harness.train import RunInfo, TrainListener
 from harness.urls import absolute_url, sqlite_path
 
@@ -33,6 +34,7 @@ EXPERIMENT_KIND = "custom_model_development"  # opens the runs table rather than
 BATCH_LIMIT = 100  # params per log_batch call (MLflow's limit)
 # The project's run tags
 ERROR_TAG = "error"  # why a run failed
+CLOSED_TAG = "harness.closed_with"  # on a study's parent run: how many counted trials its summary holds
 ROLE_TAG = "harness.role"  # "study" on a study's parent run, "seed" on a seed's run under its trial's
 SEED_ROLE = "seed"
 STUDY_TAG = "optuna.study"  # on trial runs only, so readers of a study's trials never see the parent
@@ -60,8 +62,10 @@ def artifact_location(uri: str, experiment: str) -> str | None:
 
 
 def client_for(uri: str | None) -> MlflowClient:
-    uri = resolve_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri)
+    """A client of the store at `uri`, the store made ready (created, if new) before it returns."""
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+    created_once(lambda: client.search_experiments(max_results=1))
+    return client
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
@@ -290,6 +294,18 @@ def open_study_run(
     run_id = start_run(client, experiment_id, study, {ROLE_TAG: "study", **tags})
     log_params(client, run_id, params)
     return run_id
+
+
+def reopen_run(client: MlflowClient, run_id: str) -> None:
+    """Mark a closed run RUNNING again (a study's parent run while its trials go on)."""
+    if client.get_run(run_id).info.status != RunStatus.to_string(RunStatus.RUNNING):
+        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+
+
+def closed_tag(client: MlflowClient, run_id: str, key: str) -> str | None:
+    """Tag `key` of a closed run; None while the run is RUNNING or has no such tag."""
+    run = client.get_run(run_id)
+    return None if run.info.status == RunStatus.to_string(RunStatus.RUNNING) else run.data.tags.get(key)
 
 
 def finish_study_run(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -386,3 +387,16 @@ def test_a_trial_below_the_median_is_pruned_at_its_evaluation(
     with pytest.raises(optuna.TrialPruned, match="evaluation 1"):
         reporter.on_eval_round(2, [Evaluation(2, {"eval/cat_acc": 0.1}, images)])
     assert bad.should_prune() and study.get_trials()[-1].intermediate_values == {1: 0.1}
+
+
+def test_a_sweep_decides_its_data_once_and_says_so_once(tmp_path: Path, optuna_storage: str, tracking_uri: str) -> None:
+    online = {**TINY_TRAIN, "data": {"download": True, "root": str(tmp_path / "data")}, "device": "cpu"}
+    study_file = write_study(tmp_path, "offline", 2, LAMBDA_SEARCH, train=online)
+    result = CliRunner().invoke(main, sweep_args(study_file, optuna_storage, tracking_uri))
+    assert result.exit_code == 0, result.output
+    said = re.findall(r"^data: (torchvision|bundled-10k) from ", result.output, flags=re.MULTILINE)
+    assert len(said) == 1, result.output  # the decision, once
+    assert result.output.count("could not download") <= 1 and "not found in" not in result.output
+    _, children = runs_of(tracking_uri, "offline")
+    assert {run.data.tags["data.source"] for run in children} == {said[0]}  # and every run records it
+    assert all(run.data.params["data.download"] == "False" for run in children)  # no trial asks the network

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from mlflow.entities import RunStatus
@@ -11,11 +13,14 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from harness import signals, tracking
+from harness.config import ConfigError
+from harness.data import DataFallbackWarning, DataUnavailableError, locate, settle
 from harness.sweep.bookkeeping import (
     PARENT_ATTR,
     counted,
 )
 from harness.sweep.display import Monitor, progress_watchers, say
+from harness.sweep.lock import study_lock
 from harness.sweep.recovery import recover
 from harness.sweep.spec import (
     StudySpec,
@@ -41,16 +46,18 @@ def run_sweep(spec: StudySpec, study_file: Path, workers: int, console: Console)
     quiet_optuna()
     heartbeat = Heartbeat()
     storage = open_storage(spec.storage_url, heartbeat)
-    study = open_study(spec, storage, str(study_file), create=True)
+    with study_lock(storage, spec.storage_url, spec.name):  # two hosts starting a new study make one, one parent
+        study = open_study(spec, storage, str(study_file), create=True)
+        client = tracking.client_for(spec.tracking_uri)
+        parent = tracking.open_study_run(
+            client, spec.name, study.user_attrs.get(PARENT_ATTR), study_params(spec), study_tags(spec)
+        )
+        study.set_user_attr(PARENT_ATTR, parent)
     study.sampler = make_sampler(spec, len(study.get_trials(deepcopy=False)))
-    client = tracking.client_for(spec.tracking_uri)
-    parent = tracking.open_study_run(
-        client, spec.name, study.user_attrs.get(PARENT_ATTR), study_params(spec), study_tags(spec)
-    )
-    study.set_user_attr(PARENT_ATTR, parent)
+    spec = settle_data(spec, str(study_file), console)
     sweep = Sweep(spec, study, storage, client, parent, heartbeat)
     deadline = time.monotonic() + spec.timeout if spec.timeout else None
-    status, code = RunStatus.to_string(RunStatus.FINISHED), 0
+    status, code = RunStatus.FINISHED, 0
     with tempfile.TemporaryDirectory(prefix="harness-sweep-") as folder:
         status_dir = Path(folder)
         try:
@@ -65,22 +72,44 @@ def run_sweep(spec: StudySpec, study_file: Path, workers: int, console: Console)
                 else:
                     code = supervise(sweep, min(workers, spec.trials), status_dir, monitor)
         except KeyboardInterrupt as err:
-            status, code = RunStatus.to_string(RunStatus.KILLED), signals.exit_code(err)
+            status, code = RunStatus.KILLED, signals.exit_code(err)
         except BaseException as err:
-            with signals.ignored():
-                recover(sweep)
-                tracking.end_run(
-                    client,
-                    parent,
-                    RunStatus.to_string(RunStatus.FAILED),
-                    {tracking.ERROR_TAG: f"{type(err).__name__}: {err}"},
-                )
+            with signals.ignored(), contextlib.suppress(Exception):  # the error that ended the sweep is raised
+                wind_up(sweep, RunStatus.FAILED, f"{type(err).__name__}: {err}")
             raise
     with signals.ignored():
-        recover(sweep)
-        close_study_run(sweep, status)
-    print_summary(sweep, console, interrupted=status == RunStatus.to_string(RunStatus.KILLED))
+        wind_up(sweep, status)
+    print_summary(sweep, console, interrupted=status == RunStatus.KILLED)
     return code
+
+
+def settle_data(spec: StudySpec, source: str, console: Console) -> StudySpec:
+    """Decide once which data the trials use (download now if asked and missing), say it once, and give the
+    trials a config that does not ask the network again; every run still records its data as tags."""
+    data = settle(spec.train.data)
+    try:
+        folder, kind = locate(data)
+    except DataUnavailableError as err:
+        raise ConfigError(source, "train.data", str(err)) from None
+    fallback = "" if kind == "torchvision" else f" ({spec.train.data.dataset} is neither on disk nor downloadable)"
+    say(console, f"data: {kind} from {folder}{fallback}")
+    warnings.filterwarnings("ignore", category=DataFallbackWarning)  # said once, above
+    return spec.model_copy(update={"train": spec.train.model_copy(update={"data": data})})
+
+
+def wind_up(sweep: Sweep, status: int, error: str | None = None) -> None:
+    """Recover what workers lost, then close the parent run with the study's summary: once, by the worker
+    that ends last. While a trial runs, its worker (of this host or another) closes it; a summary of as many
+    counted trials as now is not written twice. Under the study's lock."""
+    with sweep.lock():
+        recover(sweep)
+        trials = sweep.study.get_trials(deepcopy=False)
+        if any(trial.state == TrialState.RUNNING for trial in trials):
+            return
+        closed_with = tracking.closed_tag(sweep.client, sweep.parent_run_id, tracking.CLOSED_TAG)
+        if closed_with == str(len(counted(trials))):
+            return
+        close_study_run(sweep, RunStatus.to_string(status), error)
 
 
 def print_summary(sweep: Sweep, console: Console, interrupted: bool) -> None:

@@ -52,8 +52,9 @@ def worker_gone(trial: FrozenTrial, grace_s: int) -> bool:
 
 
 def recover(sweep: Sweep) -> None:
-    """Fail and retry the lost trials, then close the trial runs their workers left RUNNING."""
-    with signals.deferred():
+    """Fail and retry the lost trials, then close the trial runs their workers left RUNNING; under the study's
+    lock, so that two workers never fail and retry one trial twice."""
+    with signals.deferred(), sweep.lock():
         optuna.storages.fail_stale_trials(sweep.study)  # stale heartbeats; the storage's callback retries them
         for trial in sweep.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if not worker_gone(trial, sweep.heartbeat.grace_s):

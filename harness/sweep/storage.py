@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import optuna
@@ -15,10 +16,12 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
 from harness.config import ConfigError
+from harness.store_init import created_once
 from harness.sweep.bookkeeping import (
     SPEC_ATTR,
     enqueue_retry,
 )
+from harness.sweep.lock import study_lock
 from harness.sweep.spec import (
     CmaesSampler,
     GpSampler,
@@ -69,6 +72,10 @@ class Sweep:
     parent_run_id: str
     heartbeat: Heartbeat
 
+    def lock(self) -> AbstractContextManager[None]:
+        """The study's lock: one worker, of any host, at a time."""
+        return study_lock(self.storage, self.spec.storage_url, self.spec.name)
+
 
 class StudyEndsGrid(optuna.samplers.GridSampler):
     """A GridSampler that leaves ending the study to `trials`: its own `study.stop()` works only inside
@@ -94,12 +101,14 @@ def open_storage(url: str, heartbeat: Heartbeat = Heartbeat()) -> RDBStorage:
         path.parent.mkdir(parents=True, exist_ok=True)
     engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}} if url.startswith("sqlite") else {}
     try:
-        return RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat.interval_s,
-            grace_period=heartbeat.grace_s,
-            heartbeat_stale_trial_callback=enqueue_retry,
+        return created_once(
+            lambda: RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat.interval_s,
+                grace_period=heartbeat.grace_s,
+                heartbeat_stale_trial_callback=enqueue_retry,
+            )
         )
     except (ImportError, SQLAlchemyError) as err:
         raise ConfigError("storage", display_url(url), f"cannot open: {str(err).splitlines()[0]}") from None

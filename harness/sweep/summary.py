@@ -82,14 +82,17 @@ def summary(sweep: Sweep) -> tuple[dict[str, float], dict[str, str], dict[str, s
             metrics[f"best/{spec.objective_list[0].metric}"] = best.value
             tags |= {"best.trial": str(best.number), "best.run_id": str(best.user_attrs.get(RUN_ATTR))}
             tags |= {f"best.{key}": str(value) for key, value in best.params.items()}
+    tags[tracking.CLOSED_TAG] = str(len(done))
     return metrics, tags, texts
 
 
-def close_study_run(sweep: Sweep, status: str) -> None:
-    """Summarise the study in its parent run and close it with `status`."""
+def close_study_run(sweep: Sweep, status: str, error: str | None = None) -> None:
+    """Summarise the study in its parent run and close it with `status` (and the `error` that ended it)."""
     import matplotlib.pyplot as plt
 
     metrics, tags, texts = summary(sweep)
+    if error is not None:
+        tags[tracking.ERROR_TAG] = error
     objectives = [objective.metric for objective in sweep.spec.objective_list]
     figures = {
         f"{PLOTS_ARTIFACT_PATH}/{stem}.png": figure

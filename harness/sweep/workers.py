@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from optuna.trial import TrialState
 
 from harness import signals, tracking
+from harness.data import DataFallbackWarning
 from harness.sweep.bookkeeping import (
     PARENT_ATTR,
     WORKER_ATTR,
@@ -54,10 +56,13 @@ def work_loop(
         between()
         trial = None
         try:
-            with signals.deferred():  # an asked trial that names no worker would look alive for the grace period
+            # under the lock: no two workers claim the last place; deferred: an asked trial that names no worker
+            # would look alive for the grace period
+            with signals.deferred(), sweep.lock():
                 trial = next_trial(sweep.study, sweep.spec.trials)
                 if trial is not None:
                     trial.set_user_attr(WORKER_ATTR, worker_identity())
+                    tracking.reopen_run(sweep.client, sweep.parent_run_id)  # another worker may have closed it
         except KeyboardInterrupt as err:
             if trial is not None:
                 interrupt_trial(sweep, trial, TrialRuns(), signals.reason(err))
@@ -86,6 +91,7 @@ def run_worker(spec_file: Path, worker: int, status_dir: Path, parent_pid: int) 
     the study is done; 128 + the signal's number when stopped (130: Ctrl-C, 143: SIGTERM)."""
     exit_with_parent(parent_pid)
     quiet_optuna()
+    warnings.filterwarnings("ignore", category=DataFallbackWarning)  # the coordinator said which data, once
     spec, source = StudySpec.model_validate_json(spec_file.read_text(encoding="utf-8")), str(spec_file)
     deadline = time.monotonic() + spec.timeout if spec.timeout else None
     heartbeat = Heartbeat()
