@@ -43,3 +43,6 @@ def tracking_uri(tmp_path: Path) -> str:
 def optuna_storage(tmp_path: Path) -> str:
     (tmp_path / "mlruns").mkdir(exist_ok=True)
     return f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
+
+
+from tests.postgres import postgres  # noqa: E402, F401 - the session's PostgreSQL cluster, for any test module

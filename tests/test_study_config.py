@@ -48,6 +48,7 @@ def test_a_valid_file_and_its_defaults(tmp_path: Path, monkeypatch: pytest.Monke
     spec = load_study_spec(path)
     assert spec.storage == f"sqlite:///{tmp_path / 'mlruns' / 'optuna.db'}"
     assert spec.sampler.type == "tpe" and spec.pruner is None and spec.timeout is None
+    assert (spec.heartbeat.interval_s, spec.heartbeat.grace_s) == (10, 60)
     assert spec.train.steps == 10 and spec.train.optim.lr_d == 1.0e-4
     assert [o.metric for o in spec.objective_list] == ["eval/cat_acc"] and not spec.multi_objective
     spec = load_study_spec(
@@ -189,6 +190,26 @@ BAD_FILES = {
         "single-objective studies only",
     ),
     "not a database URL": (edited(storage="not a url"), "storage", "not a database URL"),
+    "a storage driver that is not installed": (
+        edited(storage="postgresql+psycopg://u:secret@127.0.0.1/optuna"),
+        "storage",
+        "postgresql+psycopg://u:***@127.0.0.1/optuna: postgresql+psycopg:// needs the Python module 'psycopg'",
+    ),
+    "a tracking store driver that is not installed": (
+        edited(tracking_uri="postgresql+psycopg://u@127.0.0.1/mlflow"),
+        "tracking_uri",
+        "pip install -e '.[postgres]'",
+    ),
+    "heartbeat grace within a beat": (
+        edited(heartbeat={"interval_s": 10, "grace_s": 10}),
+        "heartbeat",
+        "grace_s (10) must exceed interval_s (10): a live trial would look lost between two beats",
+    ),
+    "heartbeat interval zero": (
+        edited(heartbeat={"interval_s": 0}),
+        "heartbeat.interval_s",
+        "greater than or equal to 1",
+    ),
     "a list, not a mapping": ("- name: x\n", "", "expected a mapping"),
     "YAML syntax error": ("name: [lambda\ntrials: 3\n", "", "invalid YAML: line"),
     "empty file": ("", "", "the file is empty"),

@@ -302,7 +302,7 @@ def test_recovery_fails_and_retries_trials_of_dead_or_silent_workers(
     tmp_path: Path, optuna_storage: str, tracking_uri: str
 ) -> None:
     sweep_storage.quiet_optuna()
-    sweep = open_sweep(tmp_path, optuna_storage, tracking_uri, sweep_storage.Heartbeat(interval_s=1, grace_s=1))
+    sweep = open_sweep(tmp_path, optuna_storage, tracking_uri, sweep_storage.Heartbeat(interval_s=1, grace_s=2))
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True, text=True
     )

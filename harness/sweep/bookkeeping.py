@@ -23,6 +23,7 @@ from harness.tracking import ERROR_TAG, STATE_TAG
 RUN_ATTR = "mlflow_run_id"
 WORKER_ATTR = "worker"  # {"host", "pid", "started"}: the process running the trial
 RETRY_ATTR = "retry_of"  # on a retry: the number of the lost trial it replaces
+LOST_ATTR = "lost_because"  # on a retry: why the trial it replaces was lost, when its worker could not say
 ERROR_ATTR = "error"
 SEEDS_ATTR = "seeds"  # with repeats: {"seeds": [...], "values": [[each objective] per seed]}
 SURPLUS_ATTR = "surplus"  # asked in a race for the last place: failed before training, never counted
@@ -90,11 +91,19 @@ def next_trial(study: optuna.Study, target: int) -> optuna.Trial | None:
     return None
 
 
-def enqueue_retry(study: optuna.Study, lost: FrozenTrial | optuna.Trial) -> None:
-    """Queue a retry of a lost trial with its params, unless one is queued already."""
+def enqueue_retry(study: optuna.Study, lost: FrozenTrial | optuna.Trial, reason: str | None = None) -> None:
+    """Queue a retry of a lost trial with its params, unless one is queued already; `reason` says why it was
+    lost when the trial itself cannot (its worker is gone)."""
     if any(t.user_attrs.get(RETRY_ATTR) == lost.number for t in study.get_trials(deepcopy=False)):
         return
-    study.enqueue_trial(dict(lost.params), user_attrs={RETRY_ATTR: lost.number})
+    attrs = {RETRY_ATTR: lost.number, **({LOST_ATTR: reason} if reason else {})}
+    study.enqueue_trial(dict(lost.params), user_attrs=attrs)
+
+
+def lost_reason(trial: FrozenTrial, retry: FrozenTrial) -> str:
+    """Why a lost trial was lost, and which trial retries it."""
+    reason = trial.user_attrs.get(ERROR_ATTR) or retry.user_attrs.get(LOST_ATTR) or "its worker died"
+    return f"{reason}; retried as trial {retry.number}"
 
 
 def reported_trials(study: optuna.Study) -> list[FrozenTrial]:

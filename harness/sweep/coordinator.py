@@ -26,7 +26,7 @@ from harness.sweep.spec import (
     StudySpec,
 )
 from harness.sweep.storage import (
-    Heartbeat,
+    StorageUnavailable,
     Sweep,
     make_sampler,
     open_storage,
@@ -41,10 +41,10 @@ from harness.urls import display_url
 
 def run_sweep(spec: StudySpec, study_file: Path, workers: int, console: Console) -> int:
     """Run or resume the study to `trials` counted trials, in-process or with `workers` processes.
-    Returns the exit code: 0, 1 when a worker process failed, 128 + the signal's number when stopped (130:
-    Ctrl-C, 143: SIGTERM)."""
+    Returns the exit code: 0, 1 when a worker process failed or the storage stayed out of reach, 128 + the
+    signal's number when stopped (130: Ctrl-C, 143: SIGTERM)."""
     quiet_optuna()
-    heartbeat = Heartbeat()
+    heartbeat = spec.heartbeat
     storage = open_storage(spec.storage_url, heartbeat)
     with study_lock(storage, spec.storage_url, spec.name):  # two hosts starting a new study make one, one parent
         study = open_study(spec, storage, str(study_file), create=True)
@@ -71,6 +71,9 @@ def run_sweep(spec: StudySpec, study_file: Path, workers: int, console: Console)
                     work_loop(sweep, deadline, progress_watchers(spec, status_dir, monitor.poll), between)
                 else:
                     code = supervise(sweep, min(workers, spec.trials), status_dir, monitor)
+        except StorageUnavailable as err:  # nothing more can be recorded: the next start recovers what ran
+            say(console, f"error: {err}")
+            return 1
         except KeyboardInterrupt as err:
             status, code = RunStatus.KILLED, signals.exit_code(err)
         except BaseException as err:

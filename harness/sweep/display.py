@@ -23,13 +23,14 @@ from harness.sweep.bookkeeping import (
     RETRY_ATTR,
     SURPLUS_ATTR,
     counted,
+    lost_reason,
 )
 from harness.sweep.seeds import aggregate_metrics
 from harness.sweep.spec import (
     Aggregate,
     StudySpec,
 )
-from harness.sweep.storage import Sweep
+from harness.sweep.storage import StorageUnavailable, Sweep
 from harness.text import format_value
 from harness.train import GroupListener, RunInfo
 
@@ -99,7 +100,8 @@ class Monitor:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
-        self.poll(force=True)
+        if not isinstance(error, StorageUnavailable):  # else there is nothing to read
+            self.poll(force=True)
         self.live.stop()
 
     def poll(self, force: bool = False) -> None:
@@ -119,11 +121,10 @@ class Monitor:
         """One line on how a trial ended; None for a surplus trial, which never ran."""
         if trial.user_attrs.get(SURPLUS_ATTR):
             return None
-        retries = {t.user_attrs[RETRY_ATTR]: t.number for t in self.trials if RETRY_ATTR in t.user_attrs}
+        retries = {t.user_attrs[RETRY_ATTR]: t for t in self.trials if RETRY_ATTR in t.user_attrs}
         params = "  ".join(f"{k}={format_value(v)}" for k, v in trial.params.items())
         if trial.number in retries:
-            reason = trial.user_attrs.get(ERROR_ATTR) or "its worker died"
-            return f"trial {trial.number} LOST ({reason}), retried as trial {retries[trial.number]}"
+            return f"trial {trial.number} LOST ({lost_reason(trial, retries[trial.number])})"
         if trial.state == TrialState.COMPLETE:
             values = "  ".join(f"{m}={format_value(v)}" for m, v in zip(self.metrics, trial.values or (), strict=False))
             return f"trial {trial.number} COMPLETE  {values}  {params}"

@@ -24,6 +24,7 @@ from harness.sweep.bookkeeping import (
     TrialEnd,
     close_trial_run,
     enqueue_retry,
+    lost_reason,
 )
 from harness.sweep.storage import Sweep
 
@@ -51,6 +52,14 @@ def worker_gone(trial: FrozenTrial, grace_s: int) -> bool:
         return True
 
 
+def gone_reason(trial: FrozenTrial, grace_s: int) -> str:
+    """Why `worker_gone` holds for a trial."""
+    worker = trial.user_attrs.get(WORKER_ATTR)
+    if worker is None:
+        return f"it named no worker within {grace_s} s"
+    return f"its worker process {worker['pid']} is gone from {worker['host']}"
+
+
 def recover(sweep: Sweep) -> None:
     """Fail and retry the lost trials, then close the trial runs their workers left RUNNING; under the study's
     lock, so that two workers never fail and retry one trial twice."""
@@ -63,7 +72,7 @@ def recover(sweep: Sweep) -> None:
                 sweep.study.tell(trial.number, state=TrialState.FAIL)
             except (ValueError, UpdateFinishedTrialError):
                 continue  # it ended meanwhile
-            enqueue_retry(sweep.study, trial)
+            enqueue_retry(sweep.study, trial, gone_reason(trial, sweep.heartbeat.grace_s))
         close_orphan_runs(sweep)
 
 
@@ -75,7 +84,7 @@ def close_orphan_runs(sweep: Sweep) -> None:
     if not trial_runs and not seed_runs:
         return
     trials = {t.number: t for t in sweep.study.get_trials(deepcopy=False)}
-    retries = {t.user_attrs[RETRY_ATTR]: t.number for t in trials.values() if RETRY_ATTR in t.user_attrs}
+    retries = {t.user_attrs[RETRY_ATTR]: t for t in trials.values() if RETRY_ATTR in t.user_attrs}
     for number in {*trial_runs, *seed_runs}:
         trial = trials.get(number)
         if trial is None or not trial.state.is_finished():
@@ -83,6 +92,6 @@ def close_orphan_runs(sweep: Sweep) -> None:
         runs = [*seed_runs.get(number, []), *([trial_runs[number]] if number in trial_runs else [])]
         end, error = TrialEnd[trial.state.name], trial.user_attrs.get(ERROR_ATTR)
         if number in retries:
-            end, error = TrialEnd.LOST, f"{error or 'its worker died'}; retried as trial {retries[number]}"
+            end, error = TrialEnd.LOST, lost_reason(trial, retries[number])
         for run_id in runs:
             close_trial_run(sweep.client, run_id, end, error)

@@ -29,7 +29,7 @@ from harness.config import (
     validation_problem,
 )
 from harness.metric_names import is_logged, known_names
-from harness.urls import absolute_url
+from harness.urls import absolute_url, display_url, missing_driver
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 # Where a study runs, not what it computes: may change when a study is resumed.
@@ -226,6 +226,23 @@ class NoPruner(Frozen):
     type: Literal["none"]
 
 
+class Heartbeat(Frozen):
+    """How often a running trial records that it is alive, and after how much silence it is lost (then
+    failed and retried). Where it runs, not what it computes: may change when a study is resumed."""
+
+    interval_s: int = Field(10, ge=1)
+    grace_s: int = Field(60, ge=1)
+
+    @model_validator(mode="after")
+    def _grace_spans_beats(self) -> Heartbeat:
+        if self.grace_s <= self.interval_s:
+            raise ValueError(
+                f"grace_s ({self.grace_s}) must exceed interval_s ({self.interval_s}): "
+                "a live trial would look lost between two beats"
+            )
+        return self
+
+
 Pruner = Annotated[MedianPruner | HyperbandPruner | SuccessiveHalvingPruner | NoPruner, Field(discriminator="type")]
 # pydantic puts a tagged union's tag into an error's location; the dotted key leaves it out
 UNION_TAGS = {"float", "int", "categorical", "tpe", "random", "grid", "cmaes", "gp", "nsga2"}
@@ -248,6 +265,7 @@ class StudySpec(Frozen):
     search: dict[str, Space] = Field(
         default_factory=dict
     )  # empty: every trial trains the base config (e.g. the paper's, over repeats)
+    heartbeat: Heartbeat = Heartbeat()
     repeats: int = Field(1, ge=1)  # seeds a trial trains in lockstep: train.seed, train.seed + 1, ...
     aggregate: Aggregate = "mean"  # how the seeds' values make the trial's
 
@@ -326,6 +344,8 @@ def load_study_spec(
             spec = spec.model_copy(update={"tracking_uri": tracking_uri})
         spec = spec.model_copy(update={"storage": resolve_storage_url(storage or spec.storage)})
         check_storage_url(spec.storage or "", "--storage" if storage else source)
+        if spec.tracking_uri is not None:
+            check_driver(spec.tracking_uri, "--tracking-uri" if tracking_uri else source, "tracking_uri")
         check_search(spec, source)
         check_sampler_and_pruner(spec, source)
     except ConfigError as err:
@@ -350,12 +370,21 @@ def validate(doc: dict[str, Any], source: str) -> StudySpec:
 
 
 def check_storage_url(url: str, source: str) -> None:
+    """A database URL whose driver is installed."""
     try:
         make_url(url)
     except ArgumentError:
         raise ConfigError(
             source, "storage", f"'{url}' is not a database URL (e.g. sqlite:///mlruns/optuna.db)"
         ) from None
+    check_driver(url, source, "storage")
+
+
+def check_driver(url: str, source: str, key: str) -> None:
+    """The database driver a store URL needs is installed (a ConfigError naming the extra otherwise)."""
+    problem = missing_driver(url)
+    if problem is not None:
+        raise ConfigError(source, "" if source.startswith("--") else key, f"{display_url(url)}: {problem}")
 
 
 def check_search(spec: StudySpec, source: str) -> None:

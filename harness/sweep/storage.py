@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import optuna
 from mlflow.tracking import MlflowClient
-from optuna.exceptions import ExperimentalWarning
+from optuna.exceptions import ExperimentalWarning, StorageInternalError
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from harness.config import ConfigError
 from harness.store_init import created_once
@@ -26,6 +29,7 @@ from harness.sweep.spec import (
     CmaesSampler,
     GpSampler,
     GridSampler,
+    Heartbeat,
     HyperbandPruner,
     MedianPruner,
     NoPruner,
@@ -38,6 +42,14 @@ from harness.sweep.spec import (
 from harness.urls import display_url, sqlite_path
 
 SQLITE_BUSY_TIMEOUT_S = 60
+# A server database (PostgreSQL): each process holds few connections, so that one server serves many workers
+# (a worker uses two at once: its trial and the trial's heartbeat), and checks each before use, so that
+# connections a restart of the database cut are replaced rather than failing a call.
+SERVER_ENGINE_KWARGS: dict[str, Any] = {"pool_size": 2, "max_overflow": 3, "pool_pre_ping": True, "pool_recycle": 1800}
+POSTGRES_CONNECT_TIMEOUT_S = 10
+STORAGE_OUTAGE_S = 120.0  # how long a storage call waits for a database that went out of reach
+OUTAGE_PAUSES_S = (0.5, 1.0, 2.0, 4.0)  # between its tries, then the last one again
+DEFAULT_HEARTBEAT = Heartbeat()
 SAMPLERS: dict[type, type[optuna.samplers.BaseSampler]] = {
     TpeSampler: optuna.samplers.TPESampler,
     RandomSampler: optuna.samplers.RandomSampler,
@@ -51,14 +63,6 @@ PRUNERS: dict[type, type[optuna.pruners.BasePruner]] = {
     SuccessiveHalvingPruner: optuna.pruners.SuccessiveHalvingPruner,
     NoPruner: optuna.pruners.NopPruner,
 }
-
-
-@dataclass(frozen=True)
-class Heartbeat:
-    """How often a running trial records that it is alive, and after how much silence it is lost."""
-
-    interval_s: int = 10
-    grace_s: int = 60
 
 
 @dataclass(frozen=True)
@@ -94,20 +98,109 @@ def quiet_optuna() -> None:
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
-def open_storage(url: str, heartbeat: Heartbeat = Heartbeat()) -> RDBStorage:
-    """The RDB storage at `url` with heartbeats; SQLite waits for locks rather than failing."""
+class StorageUnavailable(Exception):
+    """The storage's database stayed out of reach for STORAGE_OUTAGE_S: nothing more can be recorded."""
+
+
+def lost_connection(err: Exception) -> bool:
+    """Whether a storage error is its database out of reach (stopped, restarting, unreachable), not a bad
+    statement: Optuna wraps what SQLAlchemy raised."""
+    cause = err.__cause__ if isinstance(err, StorageInternalError) else err
+    return isinstance(cause, OperationalError) or (isinstance(cause, DBAPIError) and cause.connection_invalidated)
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def waiting_out_outages(
+    method: Callable[Concatenate[ReconnectingRDBStorage, P], T],
+) -> Callable[Concatenate[ReconnectingRDBStorage, P], T]:
+    """`method` tried again, with pauses, while its database is out of reach, for up to the storage's
+    `outage_s`; then StorageUnavailable. Each try is one transaction, rolled back when it failed."""
+
+    @functools.wraps(method)
+    def call(storage: ReconnectingRDBStorage, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        deadline, pauses = time.monotonic() + storage.outage_s, iter(OUTAGE_PAUSES_S)
+        while True:
+            try:
+                return method(storage, *args, **kwargs)
+            except (SQLAlchemyError, StorageInternalError) as err:
+                if not lost_connection(err):
+                    raise
+                if time.monotonic() >= deadline:
+                    first_line = str(err.__cause__ or err).splitlines()[0]
+                    where = display_url(storage.url)
+                    raise StorageUnavailable(
+                        f"the Optuna storage {where} did not answer for {storage.outage_s:.0f} s: {first_line}"
+                    ) from err
+            time.sleep(next(pauses, OUTAGE_PAUSES_S[-1]))
+
+    return call
+
+
+class ReconnectingRDBStorage(RDBStorage):
+    """An RDBStorage whose calls wait out a database restart: each call that opens a transaction is tried
+    again while the database is out of reach (see `waiting_out_outages`). Heartbeats are not: a trial's
+    heartbeat thread simply beats again at its next interval."""
+
+    outage_s: float = STORAGE_OUTAGE_S
+
+
+for _name in (  # every RDBStorage method that opens a transaction, but record_heartbeat and schema upgrades
+    "create_new_study",
+    "delete_study",
+    "set_study_user_attr",
+    "set_study_system_attr",
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_directions",
+    "get_study_user_attrs",
+    "get_study_system_attrs",
+    "get_trial_user_attrs",
+    "get_trial_system_attrs",
+    "get_all_studies",
+    "_create_new_trial",
+    "_set_trial_param",
+    "get_trial_param",
+    "set_trial_state_values",
+    "set_trial_intermediate_value",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+    "get_trial_id_from_study_id_trial_number",
+    "get_trial",
+    "_get_trials",
+    "_get_best_trial_id",
+    "_get_stale_trial_ids",
+):
+    setattr(ReconnectingRDBStorage, _name, waiting_out_outages(getattr(RDBStorage, _name)))
+
+
+def engine_kwargs(url: str) -> dict[str, Any]:
+    """SQLAlchemy engine options: SQLite waits for locks rather than failing; a server database gets small
+    pools of checked connections, and PostgreSQL a connect timeout."""
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    if url.startswith("postgresql"):
+        return {**SERVER_ENGINE_KWARGS, "connect_args": {"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S}}
+    return dict(SERVER_ENGINE_KWARGS)
+
+
+def open_storage(url: str, heartbeat: Heartbeat = DEFAULT_HEARTBEAT) -> ReconnectingRDBStorage:
+    """The RDB storage at `url` with heartbeats: a trial whose heartbeat is silent for the grace period is
+    failed and retried."""
     path = sqlite_path(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}} if url.startswith("sqlite") else {}
+    retry_silent = functools.partial(enqueue_retry, reason=f"its heartbeat was silent for over {heartbeat.grace_s} s")
     try:
         return created_once(
-            lambda: RDBStorage(
+            lambda: ReconnectingRDBStorage(
                 url,
-                engine_kwargs=engine_kwargs,
+                engine_kwargs=engine_kwargs(url),
                 heartbeat_interval=heartbeat.interval_s,
                 grace_period=heartbeat.grace_s,
-                heartbeat_stale_trial_callback=enqueue_retry,
+                heartbeat_stale_trial_callback=retry_silent,
             )
         )
     except (ImportError, SQLAlchemyError) as err:

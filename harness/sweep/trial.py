@@ -13,6 +13,7 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.exceptions import StorageInternalError
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
@@ -37,7 +38,7 @@ from harness.sweep.spec import (
     Space,
     StudySpec,
 )
-from harness.sweep.storage import Sweep
+from harness.sweep.storage import StorageUnavailable, Sweep
 from harness.train import Group, GroupListener, RunInfo, train_pack
 
 
@@ -113,7 +114,8 @@ def heartbeat(storage: RDBStorage, study: optuna.Study, number: int, interval_s:
 
     def beat() -> None:
         while True:
-            with contextlib.suppress(SQLAlchemyError):  # a busy database: the next beat, well within the grace
+            # a busy or restarting database (Optuna wraps most of SQLAlchemy's errors): the next beat, within the grace
+            with contextlib.suppress(SQLAlchemyError, StorageInternalError):
                 storage.record_heartbeat(trial_id)
             if stop.wait(interval_s):
                 return
@@ -136,7 +138,8 @@ def free_memory() -> None:
 
 def run_trial(sweep: Sweep, trial: optuna.Trial, watchers: Sequence[GroupListener]) -> None:
     """Train one claimed trial, its `repeats` seeds in lockstep, and record its end in both stores. Errors
-    fail the trial and are not raised; a stop signal marks it interrupted, queues its retry, and is raised."""
+    fail the trial and are not raised; a stop signal marks it interrupted, queues its retry, and is raised; a
+    storage that stays out of reach (StorageUnavailable) is raised."""
     spec, client = sweep.spec, sweep.client
     metrics = [objective.metric for objective in spec.objective_list]
     runs = TrialRuns()
@@ -169,6 +172,8 @@ def run_trial(sweep: Sweep, trial: optuna.Trial, watchers: Sequence[GroupListene
         end = TrialEnd.PRUNED
     except KeyboardInterrupt as err:
         interrupt_trial(sweep, trial, runs, signals.reason(err))
+        raise
+    except StorageUnavailable:  # nothing can be recorded: the trial is recovered as lost once it is back
         raise
     except Exception as err:  # any error fails this trial only (out of memory too): the sweep goes on
         end, error = TrialEnd.FAIL, f"{type(err).__name__}: {err}"

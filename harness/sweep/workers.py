@@ -29,7 +29,7 @@ from harness.sweep.spec import (
     StudySpec,
 )
 from harness.sweep.storage import (
-    Heartbeat,
+    StorageUnavailable,
     Sweep,
     make_sampler,
     open_storage,
@@ -88,13 +88,14 @@ def exit_with_parent(parent_pid: int) -> None:
 
 def run_worker(spec_file: Path, worker: int, status_dir: Path, parent_pid: int) -> int:
     """One worker process of `harness sweep --workers N`, on the coordinator's spec (JSON): trials until
-    the study is done; 128 + the signal's number when stopped (130: Ctrl-C, 143: SIGTERM)."""
+    the study is done; 128 + the signal's number when stopped (130: Ctrl-C, 143: SIGTERM), 1 when the storage
+    stayed out of reach."""
     exit_with_parent(parent_pid)
     quiet_optuna()
     warnings.filterwarnings("ignore", category=DataFallbackWarning)  # the coordinator said which data, once
     spec, source = StudySpec.model_validate_json(spec_file.read_text(encoding="utf-8")), str(spec_file)
     deadline = time.monotonic() + spec.timeout if spec.timeout else None
-    heartbeat = Heartbeat()
+    heartbeat = spec.heartbeat
     storage = open_storage(spec.storage_url, heartbeat)
     study = open_study(spec, storage, source, create=False)
     study.sampler = make_sampler(spec, 7919 * (worker + 1) + len(study.get_trials(deepcopy=False)))
@@ -104,6 +105,9 @@ def run_worker(spec_file: Path, worker: int, status_dir: Path, parent_pid: int) 
         work_loop(sweep, deadline, progress_watchers(spec, status_dir, lambda: None), lambda: None)
     except KeyboardInterrupt as err:
         return signals.exit_code(err)
+    except StorageUnavailable as err:  # its trial is recovered as lost once the storage is back
+        print(f"error: {err}", flush=True)
+        return 1
     return 0
 
 
