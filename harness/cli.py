@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import threading
 import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import click
 from rich.progress import (
@@ -175,6 +179,29 @@ def report_command(
         console.print(f"wrote {len(paths)} plots to {plots}/; {logged}")
 
 
+class Served(Protocol):
+    """A running server: UiServer, TrackingServer."""
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]: ...
+
+
+S = TypeVar("S", bound=Served)
+
+
+def serve_until_stopped(serving: AbstractContextManager[S], announce: Callable[[S], None]) -> None:
+    """Run an `mlflow server` until Ctrl-C or SIGTERM (then stopped, exit 0) or its own exit (1 if it failed)."""
+    try:
+        with serving as served:
+            announce(served)
+            code = served.process.wait()
+    except KeyboardInterrupt:
+        return  # Ctrl-C or SIGTERM, at any moment: the server stopped as the block ended
+    if code:
+        click.echo(f"error: mlflow server exited with code {code}", err=True)
+        sys.exit(1)
+
+
 @main.command("ui")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (beats MLFLOW_TRACKING_URI).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: all).")
@@ -184,19 +211,46 @@ def ui_command(tracking_uri: str | None, host: str, port: int) -> None:
     from harness import server, tracking
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    try:
-        with server.serve_ui(uri, host, port) as ui:
-            click.echo(f"MLflow UI over {uri} at {ui.url} (Ctrl-C stops it)")
-            for links in server.experiment_links(tracking.client_for(uri), ui.url):
-                click.echo(f"  {links.name}: runs {links.runs}")
-                if links.compare:
-                    click.echo(f"  {links.name}: compare trials {links.compare}")
-            code = ui.process.wait()
-    except KeyboardInterrupt:
-        return  # Ctrl-C or SIGTERM, at any moment: the server stopped as the block ended
-    if code:
-        click.echo(f"error: mlflow server exited with code {code}", err=True)
-        sys.exit(1)
+
+    def announce(ui: server.UiServer) -> None:
+        click.echo(f"MLflow UI over {uri} at {ui.url} (Ctrl-C stops it)")
+        for links in server.experiment_links(tracking.client_for(uri), ui.url):
+            click.echo(f"  {links.name}: runs {links.runs}")
+            if links.compare:
+                click.echo(f"  {links.name}: compare trials {links.compare}")
+
+    serve_until_stopped(server.serve_ui(uri, host, port), announce)
+
+
+@main.command("server")
+@click.option(
+    "--store", default=None, help="Its database: sqlite:///… or postgresql+psycopg2://… [default: the project's]"
+)
+@click.option(
+    "--artifacts",
+    default="mlruns/artifacts",
+    show_default=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder the server keeps every run's artifacts in.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: all).")
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--workers", default=4, show_default=True, type=click.IntRange(min=1), help="Server processes.")
+@click.option("--insecure", is_flag=True, help="Serve beyond loopback without authentication.")
+def server_command(store: str | None, artifacts: Path, host: str, port: int, workers: int, insecure: bool) -> None:
+    """Serve the tracking store and its artifacts to workers on other hosts until Ctrl-C."""
+    from harness import server, tracking
+    from harness.urls import display_url
+
+    uri = tracking.resolve_tracking_uri(store or tracking.DEFAULT_TRACKING_URI)
+
+    def announce(served: server.TrackingServer) -> None:
+        where = f"MLflow tracking server over {display_url(uri)} at {served.url}, artifacts in {artifacts}"
+        click.echo(f"{where} (Ctrl-C stops it)")
+        login = f", with {server.USERNAME_VAR} and {server.PASSWORD_VAR} set" if served.credentials else ""
+        click.echo(f"workers: harness sweep STUDY.yaml --tracking-uri {served.tracking_uri}{login}")
+
+    serve_until_stopped(server.serve_tracking(uri, artifacts.resolve(), host, port, workers, insecure), announce)
 
 
 @main.command("sweep")

@@ -7,6 +7,7 @@ import re
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,17 +17,17 @@ import numpy as np
 import torch
 import yaml
 from matplotlib import image as mpimg
-from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
+from mlflow.entities import Experiment, Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from harness import signals
-from harness.config import TrainConfig, flatten
+from harness.config import ConfigError, TrainConfig, flatten
 from harness.evaluate import Evaluation
 from harness.store_init import created_once
 from harness.train import RunInfo, TrainListener
-from harness.urls import absolute_url, sqlite_path
+from harness.urls import absolute_url, display_url, missing_driver, sqlite_path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -62,24 +63,53 @@ def artifact_location(uri: str, experiment: str) -> str | None:
 
 
 def client_for(uri: str | None) -> MlflowClient:
-    """A client of the store at `uri`, the store made ready (created, if new) before it returns."""
-    client = MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+    """A client of the store or server at `uri`, the store made ready (created, if new) before it returns; a
+    database driver that is missing is a ConfigError."""
+    uri = resolve_tracking_uri(uri)
+    problem = missing_driver(uri)
+    if problem is not None:
+        raise ConfigError(display_url(uri), "", problem)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a server's run links: ours say where
+    client = MlflowClient(tracking_uri=uri)
     created_once(lambda: client.search_experiments(max_results=1))
     return client
 
 
+def is_server(uri: str) -> bool:
+    """Whether a tracking URI is a tracking server rather than a store."""
+    return uri.startswith(("http://", "https://"))
+
+
+def check_artifact_location(uri: str, experiment: Experiment) -> None:
+    """Through a tracking server, an experiment's artifacts must go through the server (or to an object
+    store), never to a folder: a folder is on the disk of the host that created the experiment, and a client
+    on another host would write it on its own disk."""
+    location = experiment.artifact_location
+    if is_server(uri) and urllib.parse.urlparse(location).scheme in ("", "file"):
+        problem = (
+            f"keeps its artifacts in {location}, a folder on the host that created it, which a client of the "
+            "server would write on its own disk: use a new experiment (study) name, whose artifacts the server keeps"
+        )
+        raise ConfigError(uri, f"experiment '{experiment.name}'", problem)
+
+
 def ensure_experiment(client: MlflowClient, name: str) -> str:
-    """The experiment's id, created with the model-development kind if it is new."""
+    """The experiment's id, created with the model-development kind if it is new. Through a tracking server,
+    an experiment whose artifacts live in a folder is a ConfigError (see `check_artifact_location`)."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
-            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        return experiment.experiment_id
-    return client.create_experiment(
-        name,
-        artifact_location=artifact_location(client.tracking_uri, name),
-        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
-    )
+    if experiment is None:
+        experiment_id = client.create_experiment(
+            name,
+            artifact_location=artifact_location(client.tracking_uri, name),
+            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+        )
+        if not is_server(client.tracking_uri):
+            return experiment_id
+        experiment = client.get_experiment(experiment_id)
+    elif experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    check_artifact_location(client.tracking_uri, experiment)
+    return experiment.experiment_id
 
 
 def git_commit() -> str | None:
