@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import os
 import secrets
 import signal
@@ -33,13 +32,13 @@ from tests.smoke_sweep import HARNESS
 from tests.test_sweep import LAMBDA_SEARCH, TINY_TRAIN, assert_nothing_running, counted_trials, sweep_args, write_study
 
 STUDY = "faults"
-TRIALS = 6
-STEPS, EVAL_EVERY, LOG_EVERY = 24, 8, 4  # three evaluations after the baseline: room for a fault mid-trial
+TRIALS = 5
+STEPS, EVAL_EVERY, LOG_EVERY = 16, 8, 4  # a fault lands after the first evaluation, with half to go
 TRAIN = {**TINY_TRAIN, "steps": STEPS, "eval_every": EVAL_EVERY, "log_every": LOG_EVERY}
 HEARTBEAT = {"interval_s": 1, "grace_s": 10}  # a killed worker's trial is lost within seconds, not a minute
 WORKERS = 3
 USERNAME = "sweeper"
-POSTGRES_DOWN_S = 3.0
+POSTGRES_DOWN_S = 3.0  # a restart, as an upgrade or a failover makes one
 SERVER_DOWN_S = 10.0
 SERVER_START_S = 150.0
 WAIT_S = 300.0
@@ -145,19 +144,87 @@ def wait(condition: Callable[[], bool], what: str, timeout_s: float, check: Call
 
 
 @dataclass
-class Faults:
-    """What the test did when, for its assertions and its report."""
+class Scene:
+    """The servers, the workers and what the test did to them, when: for its waits, assertions and report."""
 
+    postgres: Postgres
+    optuna_url: str
+    tracking_uri: str
+    artifacts: Path
+    server: Server
+    workers: list[Worker]
+    own_hosts: bool
+    storage: optuna.storages.RDBStorage | None = None
     notes: list[str] = field(default_factory=list)
     victim: FrozenTrial | None = None
-    postgres_down: tuple[float, float] = (0.0, 0.0)  # epoch seconds
     postgres_running: list[int] = field(default_factory=list)
-    server_down: tuple[float, float] = (0.0, 0.0)
+    server_down: tuple[float, float] = (0.0, 0.0)  # epoch seconds
     server_running: list[int] = field(default_factory=list)
 
     def note(self, line: str) -> None:
         self.notes.append(line)
-        print(line)
+
+    def trials(self) -> list[FrozenTrial]:
+        if self.storage is None:
+            self.storage = sweep_storage.open_storage(self.optuna_url)  # it reconnects after a restart
+        if STUDY not in optuna.study.get_all_study_names(self.storage):
+            return []
+        return optuna.load_study(study_name=STUDY, storage=self.storage).get_trials()
+
+    def all_alive(self) -> None:
+        self.server.alive()
+        for worker in self.workers:
+            if worker.index != 0 or self.victim is None:
+                assert worker.process.poll() is None, f"worker {worker.index} exited:\n{worker.output()}"
+
+    def kill_a_worker_mid_trial(self) -> int:
+        """SIGKILL worker 0 in the middle of a trial; that trial's number."""
+        victim = self.workers[0]
+
+        def victim_mid_trial() -> bool:
+            running = [t for t in self.trials() if mid_trial(t) and t.user_attrs["worker"]["pid"] == victim.process.pid]
+            self.victim = running[0] if running else None
+            return self.victim is not None
+
+        wait(victim_mid_trial, "worker 0 mid-trial", WAIT_S, self.all_alive)
+        os.kill(victim.process.pid, signal.SIGKILL)
+        victim.process.wait()
+        assert self.victim is not None
+        self.note(
+            f"killed worker 0 (pid {victim.process.pid}) in trial {self.victim.number} after its first evaluation"
+        )
+        return self.victim.number
+
+    def restart_postgres_mid_trial(self) -> None:
+        """Stop PostgreSQL, both stores' database, for a few seconds while both other workers are mid-trial."""
+        survivors = {worker.process.pid for worker in self.workers[1:]}
+
+        def survivors_mid_trial() -> bool:
+            running = [t for t in self.trials() if mid_trial(t) and t.user_attrs["worker"]["pid"] in survivors]
+            self.postgres_running = [t.number for t in running]
+            return {t.user_attrs["worker"]["pid"] for t in running} == survivors
+
+        wait(survivors_mid_trial, "both other workers mid-trial", WAIT_S, self.all_alive)
+        down = time.monotonic()
+        self.postgres.stop("fast")
+        time.sleep(POSTGRES_DOWN_S)
+        self.postgres.start()
+        self.note(f"PostgreSQL down {time.monotonic() - down:.1f} s while trials {self.postgres_running} ran")
+
+    def stop_server_mid_trial(self) -> None:
+        """Stop the tracking server for ten seconds (and as long as it takes to start again) mid-trial."""
+
+        def some_mid_trial() -> bool:
+            self.server_running = [t.number for t in self.trials() if mid_trial(t)]
+            return bool(self.server_running)
+
+        wait(some_mid_trial, "a trial mid-way", WAIT_S, self.all_alive)
+        down = time.time()
+        self.server.stop()
+        time.sleep(SERVER_DOWN_S)
+        self.server.start()
+        self.server_down = (down, time.time())
+        self.note(f"tracking server down {self.server_down[1] - down:.1f} s while trials {self.server_running} ran")
 
 
 @pytest.fixture
@@ -207,6 +274,94 @@ def unauthenticated_status(url: str) -> int:
         return err.code
 
 
+def start_refused_sweep(scene: Scene, folder: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """A sweep of an experiment that an earlier SQLite store made, whose artifacts live in a folder."""
+    MlflowClient(scene.tracking_uri).create_experiment("legacy", artifact_location=(folder / "artifacts").as_uri())
+    study_file = write_study(folder, "legacy", 1, LAMBDA_SEARCH)
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", *sweep_args(study_file, scene.optuna_url, scene.tracking_uri)],
+        cwd=folder,
+        env={**env, "HOME": str(folder)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def check_study(scene: Scene, lost_number: int) -> list[FrozenTrial]:
+    """Its trial count exactly, nothing running; the killed worker's trial failed by its heartbeat (or, without a
+    host name of its own, as a process gone from this host) and retried once. The trials."""
+    done = scene.trials()
+    assert all(t.state != TrialState.RUNNING for t in done)
+    counted = counted_trials(done)
+    assert len(counted) == TRIALS and all(t.state == TrialState.COMPLETE for t in counted), done
+    lost = done[lost_number]
+    assert lost.state == TrialState.FAIL
+    retries = [t for t in done if "retry_of" in t.user_attrs]
+    assert [t.user_attrs["retry_of"] for t in retries] == [lost_number], "one retry, of the killed worker's trial"
+    (retry,) = retries
+    assert retry.params == lost.params and retry in counted
+    assert len(done) == TRIALS + 1 + sum(bool(t.user_attrs.get("surplus")) for t in done)
+    victim_pid = scene.workers[0].process.pid
+    why = "its heartbeat was silent for over 10 s" if scene.own_hosts else f"its worker process {victim_pid} is gone"
+    assert retry.user_attrs.get("lost_because", "").startswith(why), retry.user_attrs
+    scene.note(f"trial {lost_number} was failed ({why}) and retried once as trial {retry.number}")
+    for number in scene.postgres_running:  # they waited for the database and finished
+        assert done[number].state == TrialState.COMPLETE, done[number]
+    for number in scene.server_running:  # they waited for the server and finished
+        assert done[number].state == TrialState.COMPLETE, done[number]
+    return done
+
+
+def check_runs(scene: Scene, done: list[FrozenTrial], lost_number: int) -> dict[int, Run]:
+    """Read through the server: one parent, one run per trial that ran, every one closed, every metric of every
+    counted trial there, those logged during the server's outage too. The trial runs by number."""
+    client = MlflowClient(scene.tracking_uri)
+    experiment = client.get_experiment_by_name(STUDY)
+    assert experiment is not None and experiment.artifact_location.startswith("mlflow-artifacts:")
+    runs: list[Run] = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [run for run in runs if run.data.tags.get("harness.role") == "study"]
+    assert len(parents) == 1, [run.info.run_name for run in parents]
+    children = {int(run.data.tags["optuna.trial"]): run for run in runs if "optuna.trial" in run.data.tags}
+    assert len(children) + 1 == len(runs)
+    assert sorted(children) == sorted(t.number for t in done if "mlflow_run_id" in t.user_attrs)
+    assert_nothing_running(done, list(children.values()), parents[0])
+    assert parents[0].info.status == "FINISHED"
+    lost_run = children[lost_number]
+    assert lost_run.info.status == "KILLED" and lost_run.data.tags["harness.state"] == "LOST"
+    (retry,) = [t for t in done if "retry_of" in t.user_attrs]
+    assert lost_run.data.tags["error"] == f"{retry.user_attrs['lost_because']}; retried as trial {retry.number}"
+    assert STEPS not in metric_steps(client, lost_run.info.run_id, "eval/cat_acc"), "the kill landed after training"
+    for trial in counted_trials(done):
+        run_id = children[trial.number].info.run_id
+        assert run_id == trial.user_attrs["mlflow_run_id"] and children[trial.number].info.status == "FINISHED"
+        assert metric_steps(client, run_id, "loss/d") == set(range(LOG_EVERY, STEPS + 1, LOG_EVERY)), trial.number
+        assert metric_steps(client, run_id, "eval/cat_acc") == set(range(0, STEPS + 1, EVAL_EVERY)), trial.number
+    assert scene.server_running, "no trial ran while the server was down"
+    for number in scene.server_running:  # training waited for the server: what came after the outage arrived
+        assert last_logged_s(client, children[number].info.run_id) > scene.server_down[1]
+    return children
+
+
+def check_artifacts(scene: Scene, children: dict[int, Run], lost_number: int, downloads: Path) -> None:
+    """Every trial run's artifacts download through the server; none was written where a worker runs."""
+    client = MlflowClient(scene.tracking_uri)
+    for number, run in children.items():
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri
+        folder = Path(client.download_artifacts(run.info.run_id, "", str(downloads / str(number))))
+        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        assert "config.yaml" in files
+        for step in range(0, STEPS + 1, EVAL_EVERY) if number != lost_number else ():
+            for grid in ("cat0", "con0", "con1"):
+                png = folder / f"traversals/step-{step:06d}/{grid}.png"
+                assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", (number, files)
+    assert len(list(scene.artifacts.rglob("*.png"))) >= 3 * len(range(0, STEPS + 1, EVAL_EVERY)) * TRIALS
+    for worker in scene.workers:
+        written = [p.name for p in worker.folder.rglob("*") if p.suffix in (".png", ".pt", ".db") or p.name == "mlruns"]
+        assert written == [], f"worker {worker.index} wrote {written}"
+    scene.note(f"{len(children)} trial runs' artifacts downloaded through the server")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.skipif(not HAS_FLASK_WTF, reason=NO_FLASK_WTF)
@@ -222,167 +377,44 @@ def test_three_workers_on_postgresql_and_a_tracking_server_survive_a_kill_a_rest
     password = secrets.token_hex(12)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USERNAME)  # this test reads through the server as the workers do
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
     port, artifacts = free_port(), tmp_path / "server" / "artifacts"
-    server_args = ["--store", mlflow_url, "--artifacts", str(artifacts), "--port", str(port), "--workers", "2"]
     (tmp_path / "server").mkdir()
-    server = Server(server_args, env, tmp_path / "server" / "server.log")
-    servers.append(server)
+    server_args = ["--store", mlflow_url, "--artifacts", str(artifacts), "--port", str(port), "--workers", "1"]
+    servers.append(Server(server_args, env, tmp_path / "server" / "server.log"))
+    scene = Scene(postgres, optuna_url, f"http://127.0.0.1:{port}", artifacts, servers[0], workers, unshare_works())
     started = time.monotonic()
-    server.start()
-    tracking_uri = f"http://127.0.0.1:{port}"
-    assert f"workers: harness sweep STUDY.yaml --tracking-uri {tracking_uri}, with MLFLOW_TRACKING_USERNAME" in (
-        server.output()
-    )
-    assert password not in server.output() and postgres.password not in server.output()
-    assert unauthenticated_status(tracking_uri) == 401
-    faults = Faults()
-    faults.note(f"harness server answered after {time.monotonic() - started:.0f} s")
+    scene.server.start()
+    scene.note(f"harness server answered after {time.monotonic() - started:.0f} s")
+    output = scene.server.output()
+    assert f"--tracking-uri {scene.tracking_uri}, with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in output
+    assert password not in output and postgres.password not in output
+    assert unauthenticated_status(scene.tracking_uri) == 401
 
-    # An experiment an earlier SQLite store made keeps a folder for its artifacts: a worker would write there.
-    MlflowClient(tracking_uri).create_experiment("legacy", artifact_location=(tmp_path / "legacy").as_uri())
-    legacy_folder = tmp_path / "legacy-worker"
-    legacy_folder.mkdir()
-    legacy_study = write_study(legacy_folder, "legacy", 1, LAMBDA_SEARCH)
-    refused = subprocess.Popen(
-        [sys.executable, "-m", "harness.cli", *sweep_args(legacy_study, optuna_url, tracking_uri)],
-        cwd=legacy_folder,
-        env={**env, "HOME": str(legacy_folder)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-    own_hosts = unshare_works()
-    worker_env = {**env, "OMP_NUM_THREADS": "1"}  # three workers on this machine's cores
+    worker_env = {**env, "OMP_NUM_THREADS": "1"}  # three workers share this machine's cores
     for index in range(WORKERS):
-        workers.append(start_worker(index, tmp_path, optuna_url, tracking_uri, worker_env, own_hosts))
-    storage = sweep_storage.open_storage(optuna_url)  # reconnects after the restart below
+        workers.append(start_worker(index, tmp_path, optuna_url, scene.tracking_uri, worker_env, scene.own_hosts))
+    (tmp_path / "legacy").mkdir()
+    refused = start_refused_sweep(scene, tmp_path / "legacy", env)
 
-    def trials() -> list[FrozenTrial]:
-        if STUDY not in optuna.study.get_all_study_names(storage):
-            return []
-        return optuna.load_study(study_name=STUDY, storage=storage).get_trials()
-
-    def all_alive() -> None:
-        server.alive()
-        for worker in workers:
-            if worker.index != 0 or faults.victim is None:
-                assert worker.process.poll() is None, f"worker {worker.index} exited:\n{worker.output()}"
-
-    # 1. SIGKILL a worker in the middle of a trial.
-    victim = workers[0]
-
-    def victim_mid_trial() -> bool:
-        running = [t for t in trials() if mid_trial(t) and t.user_attrs["worker"]["pid"] == victim.process.pid]
-        faults.victim = running[0] if running else None
-        return faults.victim is not None
-
-    wait(victim_mid_trial, "worker 0 mid-trial", WAIT_S, all_alive)
-    os.kill(victim.process.pid, signal.SIGKILL)
-    victim.process.wait()
-    assert faults.victim is not None
-    lost_number = faults.victim.number
-    faults.note(f"killed worker 0 (pid {victim.process.pid}) in trial {lost_number} after its first evaluation")
+    lost_number = scene.kill_a_worker_mid_trial()
+    scene.restart_postgres_mid_trial()
+    scene.stop_server_mid_trial()
+    for worker in workers[1:]:
+        assert worker.process.wait(timeout=WAIT_S) == 0, worker.output()
+    scene.note(f"the sweep ended {time.monotonic() - started:.0f} s after the server was started")
 
     refused_output, _ = refused.communicate(timeout=WAIT_S)
     assert refused.returncode == 2, refused_output
     assert refused_output.strip().splitlines()[-1] == (
-        f"error: {tracking_uri}: experiment 'legacy': keeps its artifacts in {(tmp_path / 'legacy').as_uri()}, a "
-        "folder on the host that created it, which a client of the server would write on its own disk: use a new "
-        "experiment (study) name, whose artifacts the server keeps"
+        f"error: {scene.tracking_uri}: experiment 'legacy': keeps its artifacts in "
+        f"{(tmp_path / 'legacy' / 'artifacts').as_uri()}, a folder on the host that created it, which a client of "
+        "the server would write on its own disk: use a new experiment (study) name, whose artifacts the server keeps"
     )
-    assert not (tmp_path / "legacy").exists()
+    assert not (tmp_path / "legacy" / "artifacts").exists()
 
-    # 2. Restart PostgreSQL, both stores' database, in the middle of the others' trials.
-    wait(lambda: any(mid_trial(t) for t in trials()), "a trial mid-way", WAIT_S, all_alive)
-    faults.postgres_running = [t.number for t in trials() if t.state == TrialState.RUNNING and t.number != lost_number]
-    down = time.time()
-    postgres.stop("fast")
-    time.sleep(POSTGRES_DOWN_S)
-    postgres.start()
-    faults.postgres_down = (down, time.time())
-    faults.note(
-        f"PostgreSQL down for {faults.postgres_down[1] - down:.1f} s while trials {faults.postgres_running} ran"
-    )
-
-    # 3. Stop the tracking server for ten seconds in the middle of a trial.
-    wait(lambda: any(mid_trial(t) for t in trials()), "a trial mid-way", WAIT_S, all_alive)
-    faults.server_running = [t.number for t in trials() if mid_trial(t) and t.number != lost_number]
-    down = time.time()
-    server.stop()
-    time.sleep(SERVER_DOWN_S)
-    server.start()
-    faults.server_down = (down, time.time())
-    faults.note(
-        f"tracking server down for {faults.server_down[1] - down:.1f} s while trials {faults.server_running} ran"
-    )
-
-    for worker in workers[1:]:
-        assert worker.process.wait(timeout=WAIT_S) == 0, worker.output()
-    faults.note(f"the sweep ended {time.monotonic() - started:.0f} s after the server was started")
-
-    # The study: its trial count exactly; the killed worker's trial failed by its heartbeat and retried once.
-    done = trials()
-    assert all(t.state != TrialState.RUNNING for t in done)
-    counted = counted_trials(done)
-    assert len(counted) == TRIALS and all(t.state == TrialState.COMPLETE for t in counted), done
-    lost = done[lost_number]
-    assert lost.state == TrialState.FAIL
-    retries = [t for t in done if "retry_of" in t.user_attrs]
-    assert [t.user_attrs["retry_of"] for t in retries] == [lost_number], "one retry, of the killed worker's trial"
-    (retry,) = retries
-    assert retry.params == lost.params and retry in counted
-    assert len(done) == TRIALS + 1 + sum(bool(t.user_attrs.get("surplus")) for t in done)
-    reason = (
-        "its heartbeat was silent for over 10 s" if own_hosts else f"its worker process {victim.process.pid} is gone"
-    )
-    assert retry.user_attrs.get("lost_because", "").startswith(reason), retry.user_attrs
-    faults.note(f"trial {lost_number} was failed ({reason}) and retried once as trial {retry.number}")
-
-    # MLflow, read through the server: one run per trial that ran, every one closed, every metric there.
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(STUDY)
-    assert experiment is not None and experiment.artifact_location.startswith("mlflow-artifacts:")
-    runs: list[Run] = client.search_runs([experiment.experiment_id], max_results=1000)
-    parents = [run for run in runs if run.data.tags.get("harness.role") == "study"]
-    assert len(parents) == 1, [run.info.run_name for run in parents]
-    children = {int(run.data.tags["optuna.trial"]): run for run in runs if "optuna.trial" in run.data.tags}
-    assert len(children) + 1 == len(runs)
-    assert sorted(children) == sorted(t.number for t in done if "mlflow_run_id" in t.user_attrs)
-    assert_nothing_running(done, list(children.values()), parents[0])
-    assert parents[0].info.status == "FINISHED"
-    lost_run = children[lost_number]
-    assert lost_run.info.status == "KILLED" and lost_run.data.tags["harness.state"] == "LOST"
-    assert lost_run.data.tags["error"] == f"{retry.user_attrs['lost_because']}; retried as trial {retry.number}"
-    assert STEPS not in metric_steps(client, lost_run.info.run_id, "eval/cat_acc"), "the kill landed after training"
-    for trial in counted:
-        run_id = children[trial.number].info.run_id
-        assert run_id == trial.user_attrs["mlflow_run_id"] and children[trial.number].info.status == "FINISHED"
-        assert metric_steps(client, run_id, "loss/d") == set(range(LOG_EVERY, STEPS + 1, LOG_EVERY)), trial.number
-        assert metric_steps(client, run_id, "eval/cat_acc") == set(range(0, STEPS + 1, EVAL_EVERY)), trial.number
-    assert faults.postgres_running, "no trial ran while PostgreSQL restarted"
-    for number in faults.postgres_running:  # they waited for the database and finished
-        assert done[number].state == TrialState.COMPLETE, done[number]
-    assert faults.server_running, "no trial ran while the server was down"
-    for number in faults.server_running:  # they waited for the server, and what they logged meanwhile arrived
-        assert done[number].state == TrialState.COMPLETE, done[number]
-        assert last_logged_s(client, children[number].info.run_id) > faults.server_down[1]
-
-    # Every artifact of every trial downloads through the server; none was written where a worker runs.
-    downloads = tmp_path / "downloads"
-    for number, run in children.items():
-        assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri
-        folder = Path(client.download_artifacts(run.info.run_id, "", str(downloads / str(number))))
-        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-        assert "config.yaml" in files
-        for step in range(0, STEPS + 1, EVAL_EVERY) if number != lost_number else ():
-            for grid in ("cat0", "con0", "con1"):
-                png = folder / f"traversals/step-{step:06d}/{grid}.png"
-                assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", (number, files)
-    assert len(list(artifacts.rglob("*.png"))) >= 3 * len(range(0, STEPS + 1, EVAL_EVERY)) * TRIALS
-    for worker in workers:
-        written = [p.name for p in worker.folder.rglob("*") if p.suffix in (".png", ".pt", ".db") or p.name == "mlruns"]
-        assert written == [], f"worker {worker.index} wrote {written}"
-    faults.note(f"{len(children)} trial runs' artifacts downloaded through the server")
-    print(json.dumps(faults.notes, indent=1))
+    done = check_study(scene, lost_number)
+    children = check_runs(scene, done, lost_number)
+    check_artifacts(scene, children, lost_number, tmp_path / "downloads")
+    print("\n".join(scene.notes))

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from optuna.exceptions import ExperimentalWarning, StorageInternalError
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, OperationalError, PendingRollbackError, SQLAlchemyError
 
 from harness.config import ConfigError
 from harness.store_init import created_once
@@ -102,11 +102,19 @@ class StorageUnavailable(Exception):
     """The storage's database stayed out of reach for STORAGE_OUTAGE_S: nothing more can be recorded."""
 
 
-def lost_connection(err: Exception) -> bool:
+def lost_connection(err: BaseException | None) -> bool:
     """Whether a storage error is its database out of reach (stopped, restarting, unreachable), not a bad
-    statement: Optuna wraps what SQLAlchemy raised."""
-    cause = err.__cause__ if isinstance(err, StorageInternalError) else err
-    return isinstance(cause, OperationalError) or (isinstance(cause, DBAPIError) and cause.connection_invalidated)
+    statement: anywhere in the chain of what Optuna raised (it wraps SQLAlchemy's errors, and may meet a
+    connection a restart cut while handling another error: PendingRollbackError)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OperationalError | PendingRollbackError):
+            return True
+        if isinstance(err, DBAPIError) and err.connection_invalidated:
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 P = ParamSpec("P")
