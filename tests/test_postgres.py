@@ -1,5 +1,5 @@
-"""The Optuna storage on a real PostgreSQL: connection strings, a database restart waited out (calls and
-heartbeats), a database that stays away (one clear error)."""
+"""The Optuna storage on a real PostgreSQL: connection strings, a database restart waited out (calls,
+heartbeats, the study lock), a database that stays away (one clear error)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from click.testing import CliRunner
 
 from harness.cli import main
 from harness.sweep import storage as sweep_storage
+from harness.sweep.lock import study_lock
+from harness.sweep.outage import StorageUnavailable
 from harness.sweep.spec import Heartbeat
 from harness.sweep.trial import heartbeat
 from tests.postgres import Postgres
@@ -85,6 +87,20 @@ def test_storage_calls_and_heartbeats_outlast_a_database_restart(postgres: Postg
 
 
 @pytest.mark.slow
+def test_the_study_lock_waits_for_a_restarting_database(postgres: Postgres) -> None:
+    url = postgres.create_database("lock")
+    storage = sweep_storage.open_storage(url)
+    restart = restart_in_background(postgres, OUTAGE_S)
+    time.sleep(0.5)  # PostgreSQL is stopping or stopped
+    started = time.monotonic()
+    with study_lock(storage, url, "lock"):
+        waited = time.monotonic() - started
+        assert storage.get_all_studies() == []
+    restart.join()
+    assert waited > 1.0, "the lock did not meet the outage"
+
+
+@pytest.mark.slow
 def test_a_database_that_stays_away_is_one_clear_error(postgres: Postgres) -> None:
     url = postgres.create_database("away")
     sweep_storage.quiet_optuna()
@@ -94,7 +110,7 @@ def test_a_database_that_stays_away_is_one_clear_error(postgres: Postgres) -> No
     postgres.stop("fast")
     try:
         started = time.monotonic()
-        with pytest.raises(sweep_storage.StorageUnavailable) as raised:
+        with pytest.raises(StorageUnavailable) as raised:
             storage.get_all_studies()
         assert 2.0 <= time.monotonic() - started < 10.0
     finally:

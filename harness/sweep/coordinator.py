@@ -21,12 +21,12 @@ from harness.sweep.bookkeeping import (
 )
 from harness.sweep.display import Monitor, progress_watchers, say
 from harness.sweep.lock import study_lock
+from harness.sweep.outage import StorageUnavailable
 from harness.sweep.recovery import recover
 from harness.sweep.spec import (
     StudySpec,
 )
 from harness.sweep.storage import (
-    StorageUnavailable,
     Sweep,
     make_sampler,
     open_storage,

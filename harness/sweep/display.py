@@ -25,12 +25,13 @@ from harness.sweep.bookkeeping import (
     counted,
     lost_reason,
 )
+from harness.sweep.outage import StorageUnavailable
 from harness.sweep.seeds import aggregate_metrics
 from harness.sweep.spec import (
     Aggregate,
     StudySpec,
 )
-from harness.sweep.storage import StorageUnavailable, Sweep
+from harness.sweep.storage import Sweep
 from harness.text import format_value
 from harness.train import GroupListener, RunInfo
 

@@ -18,9 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from optuna.storages import RDBStorage
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from harness.sweep.outage import STORAGE_OUTAGE_S, outlasting
 from harness.urls import sqlite_path
 
 HELD: dict[tuple[str, str], int] = {}  # (storage URL, study) -> how deep this process holds its lock
@@ -67,8 +68,8 @@ def store_lock(storage: RDBStorage, url: str, study: str) -> Iterator[None]:
                 fcntl.flock(handle, fcntl.LOCK_UN)
         return
     if storage.engine.dialect.name == "postgresql":
-        with storage.engine.connect() as connection:
-            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": advisory_key(study)})
+        # taken on a connection of its own; a restarting database is waited for, as the storage's calls wait
+        with outlasting(lambda: advisory_locked(storage, study), STORAGE_OUTAGE_S, url) as connection:
             try:
                 yield
             finally:
@@ -76,3 +77,14 @@ def store_lock(storage: RDBStorage, url: str, study: str) -> Iterator[None]:
                     connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": advisory_key(study)})
         return
     yield
+
+
+def advisory_locked(storage: RDBStorage, study: str) -> Connection:
+    """A new connection holding the study's advisory lock (waiting for it while another holds it)."""
+    connection = storage.engine.connect()
+    try:
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": advisory_key(study)})
+    except BaseException:
+        connection.close()
+        raise
+    return connection

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -13,10 +12,10 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import optuna
 from mlflow.tracking import MlflowClient
-from optuna.exceptions import ExperimentalWarning, StorageInternalError
+from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.exc import DBAPIError, OperationalError, PendingRollbackError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from harness.config import ConfigError
 from harness.store_init import created_once
@@ -25,6 +24,7 @@ from harness.sweep.bookkeeping import (
     enqueue_retry,
 )
 from harness.sweep.lock import study_lock
+from harness.sweep.outage import STORAGE_OUTAGE_S, outlasting
 from harness.sweep.spec import (
     CmaesSampler,
     GpSampler,
@@ -47,8 +47,6 @@ SQLITE_BUSY_TIMEOUT_S = 60
 # connections a restart of the database cut are replaced rather than failing a call.
 SERVER_ENGINE_KWARGS: dict[str, Any] = {"pool_size": 2, "max_overflow": 3, "pool_pre_ping": True, "pool_recycle": 1800}
 POSTGRES_CONNECT_TIMEOUT_S = 10
-STORAGE_OUTAGE_S = 120.0  # how long a storage call waits for a database that went out of reach
-OUTAGE_PAUSES_S = (0.5, 1.0, 2.0, 4.0)  # between its tries, then the last one again
 DEFAULT_HEARTBEAT = Heartbeat()
 SAMPLERS: dict[type, type[optuna.samplers.BaseSampler]] = {
     TpeSampler: optuna.samplers.TPESampler,
@@ -98,25 +96,6 @@ def quiet_optuna() -> None:
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
-class StorageUnavailable(Exception):
-    """The storage's database stayed out of reach for STORAGE_OUTAGE_S: nothing more can be recorded."""
-
-
-def lost_connection(err: BaseException | None) -> bool:
-    """Whether a storage error is its database out of reach (stopped, restarting, unreachable), not a bad
-    statement: anywhere in the chain of what Optuna raised (it wraps SQLAlchemy's errors, and may meet a
-    connection a restart cut while handling another error: PendingRollbackError)."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, OperationalError | PendingRollbackError):
-            return True
-        if isinstance(err, DBAPIError) and err.connection_invalidated:
-            return True
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return False
-
-
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -124,25 +103,12 @@ T = TypeVar("T")
 def waiting_out_outages(
     method: Callable[Concatenate[ReconnectingRDBStorage, P], T],
 ) -> Callable[Concatenate[ReconnectingRDBStorage, P], T]:
-    """`method` tried again, with pauses, while its database is out of reach, for up to the storage's
-    `outage_s`; then StorageUnavailable. Each try is one transaction, rolled back when it failed."""
+    """`method` tried again while its database is out of reach, for up to the storage's `outage_s` (see
+    `outlasting`): each call of these methods is one transaction, rolled back when it failed."""
 
     @functools.wraps(method)
     def call(storage: ReconnectingRDBStorage, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        deadline, pauses = time.monotonic() + storage.outage_s, iter(OUTAGE_PAUSES_S)
-        while True:
-            try:
-                return method(storage, *args, **kwargs)
-            except (SQLAlchemyError, StorageInternalError) as err:
-                if not lost_connection(err):
-                    raise
-                if time.monotonic() >= deadline:
-                    first_line = str(err.__cause__ or err).splitlines()[0]
-                    where = display_url(storage.url)
-                    raise StorageUnavailable(
-                        f"the Optuna storage {where} did not answer for {storage.outage_s:.0f} s: {first_line}"
-                    ) from err
-            time.sleep(next(pauses, OUTAGE_PAUSES_S[-1]))
+        return outlasting(lambda: method(storage, *args, **kwargs), storage.outage_s, storage.url)
 
     return call
 

@@ -30,6 +30,7 @@ from harness.sweep.bookkeeping import (
     close_trial_run,
     enqueue_retry,
 )
+from harness.sweep.outage import StorageUnavailable
 from harness.sweep.seeds import SeedAggregate, aggregate, seed_configs
 from harness.sweep.spec import (
     Aggregate,
@@ -38,7 +39,7 @@ from harness.sweep.spec import (
     Space,
     StudySpec,
 )
-from harness.sweep.storage import StorageUnavailable, Sweep
+from harness.sweep.storage import Sweep
 from harness.train import Group, GroupListener, RunInfo, train_pack
 
 

@@ -24,12 +24,12 @@ from harness.sweep.bookkeeping import (
     next_trial,
 )
 from harness.sweep.display import Monitor, progress_watchers, say
+from harness.sweep.outage import StorageUnavailable
 from harness.sweep.recovery import recover, worker_identity
 from harness.sweep.spec import (
     StudySpec,
 )
 from harness.sweep.storage import (
-    StorageUnavailable,
     Sweep,
     make_sampler,
     open_storage,
