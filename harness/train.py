@@ -352,6 +352,10 @@ def train_pack(groups: Sequence[Group]) -> list[GroupOutcome]:
     ]
 
 
+# What trains groups: `train_pack` in production, a stub only in the engine's stress test.
+Trainer = Callable[[Sequence[Group]], list[GroupOutcome]]
+
+
 def train(cfg: TrainConfig, listeners: Sequence[TrainListener] = ()) -> TrainResult:
     """Train one InfoGAN on `cfg` (a pack of one); all randomness comes from `cfg.seed`. What stops it (a
     diverging loss, a listener's exception) is raised."""

@@ -40,7 +40,7 @@ from harness.sweep.spec import (
     StudySpec,
 )
 from harness.sweep.storage import Sweep
-from harness.train import Group, GroupListener, RunInfo, train_pack
+from harness.train import Group, GroupListener, RunInfo, Trainer
 
 
 def suggest(trial: optuna.Trial, key: str, space: Space) -> Any:
@@ -137,10 +137,10 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_trial(sweep: Sweep, trial: optuna.Trial, watchers: Sequence[GroupListener]) -> None:
-    """Train one claimed trial, its `repeats` seeds in lockstep, and record its end in both stores. Errors
-    fail the trial and are not raised; a stop signal marks it interrupted, queues its retry, and is raised; a
-    storage that stays out of reach (StorageUnavailable) is raised."""
+def run_trial(sweep: Sweep, trial: optuna.Trial, watchers: Sequence[GroupListener], trainer: Trainer) -> None:
+    """Train one claimed trial with `trainer`, its `repeats` seeds in lockstep, and record its end in both
+    stores. Errors fail the trial and are not raised; a stop signal marks it interrupted, queues its retry, and
+    is raised; a storage that stays out of reach (StorageUnavailable) is raised."""
     spec, client = sweep.spec, sweep.client
     metrics = [objective.metric for objective in spec.objective_list]
     runs = TrialRuns()
@@ -161,7 +161,7 @@ def run_trial(sweep: Sweep, trial: optuna.Trial, watchers: Sequence[GroupListene
                 loggers = [[tracking.RunLogger(client, run_id)] for run_id in runs.seeds]
                 aggregated = SeedAggregate(client, runs.trial, spec.aggregate, metrics)
                 group = Group(configs, loggers, [aggregated, reporter, *watchers])
-            (outcome,) = train_pack([group])
+            (outcome,) = trainer([group])
             if outcome.error is not None:
                 raise outcome.error
             if spec.repeats > 1:

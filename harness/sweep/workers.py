@@ -37,7 +37,7 @@ from harness.sweep.storage import (
     quiet_optuna,
 )
 from harness.sweep.trial import TrialRuns, interrupt_trial, run_trial
-from harness.train import GroupListener
+from harness.train import GroupListener, Trainer, train_pack
 
 IDLE_POLL_S = 2.0  # a worker with nothing to start waits for running trials this long between looks
 RECOVER_EVERY_S = 10.0
@@ -49,9 +49,10 @@ def work_loop(
     deadline: float | None,
     watchers: Callable[[int], Sequence[GroupListener]],
     between: Callable[[], None],
+    trainer: Trainer = train_pack,
 ) -> None:
-    """Run trials until the study's places are all taken and none is running, or the deadline passes
-    (a running trial always finishes). `between` runs before each trial and while waiting."""
+    """Run trials with `trainer` until the study's places are all taken and none is running, or the deadline
+    passes (a running trial always finishes). `between` runs before each trial and while waiting."""
     while deadline is None or time.monotonic() < deadline:
         between()
         trial = None
@@ -68,7 +69,7 @@ def work_loop(
                 interrupt_trial(sweep, trial, TrialRuns(), signals.reason(err))
             raise
         if trial is not None:
-            run_trial(sweep, trial, watchers(trial.number))
+            run_trial(sweep, trial, watchers(trial.number), trainer)
             continue
         if not sweep.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             return
@@ -86,7 +87,7 @@ def exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def run_worker(spec_file: Path, worker: int, status_dir: Path, parent_pid: int) -> int:
+def run_worker(spec_file: Path, worker: int, status_dir: Path, parent_pid: int, trainer: Trainer = train_pack) -> int:
     """One worker process of `harness sweep --workers N`, on the coordinator's spec (JSON): trials until
     the study is done; 128 + the signal's number when stopped (130: Ctrl-C, 143: SIGTERM), 1 when the storage
     stayed out of reach."""
@@ -102,7 +103,7 @@ def run_worker(spec_file: Path, worker: int, status_dir: Path, parent_pid: int) 
     client = tracking.client_for(spec.tracking_uri)
     sweep = Sweep(spec, study, storage, client, study.user_attrs[PARENT_ATTR], heartbeat)
     try:
-        work_loop(sweep, deadline, progress_watchers(spec, status_dir, lambda: None), lambda: None)
+        work_loop(sweep, deadline, progress_watchers(spec, status_dir, lambda: None), lambda: None, trainer)
     except KeyboardInterrupt as err:
         return signals.exit_code(err)
     except StorageUnavailable as err:  # its trial is recovered as lost once the storage is back
