@@ -117,12 +117,22 @@ def train_command(
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=2))
 @click.option("--steps", default=30, show_default=True, type=click.IntRange(min=1), help="Timed steps after warm-up.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-def bench_command(batch_size: int, steps: int, device: str) -> None:
-    """Print one JSON line: images/s of the full D+Q+G step, GFLOP per image, GFLOP/s."""
+@click.option(
+    "--pack",
+    default=None,
+    type=click.IntRange(min=1),
+    help="InfoGANs trained as one fused model. [default: the device's default pack]",
+)
+@click.option(
+    "--cuda-graph/--no-cuda-graph", default=True, show_default=True, help="On CUDA, replay the step as a CUDA graph."
+)
+def bench_command(batch_size: int, steps: int, device: str, pack: int | None, cuda_graph: bool) -> None:
+    """Print one JSON line: images/s of a pack's full D+Q+G step (all members and per member), GFLOP per image,
+    GFLOP/s and its share of a float32 matmul's rate, and paper-scale trials per hour."""
     from harness.bench import benchmark
 
     load_train_config(None, (f"device={device}",))  # the same validation as train
-    click.echo(json.dumps(benchmark(batch_size, steps, device)))
+    click.echo(json.dumps(benchmark(batch_size, steps, pack, device, cuda_graph=cuda_graph)))
 
 
 @main.command("report")
