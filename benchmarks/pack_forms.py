@@ -90,7 +90,7 @@ class VmapStep:
             self.opt[part].step([next(grads) for _ in self.part_params(part)])
 
 
-def forms(members: int, batch_size: int, device: torch.device) -> dict[str, Callable[[], None]]:
+def forms(members: int, batch_size: int, device: torch.device) -> dict[str, Callable[[], object]]:
     configs = [
         TrainConfig.model_validate({"optim": {"batch_size": batch_size}, "device": str(device), "seed": seed})
         for seed in range(members)
@@ -102,9 +102,8 @@ def forms(members: int, batch_size: int, device: torch.device) -> dict[str, Call
     models = [initial_model(cfg, device) for cfg in configs]
     vmapped = VmapStep(PackTrainer(configs, models, images, device, cuda_graph=False), models)
 
-    def one_at_a_time() -> None:
-        for single in singles:
-            single.step()
+    def one_at_a_time() -> object:
+        return [single.step() for single in singles]
 
     return {"one-at-a-time": one_at_a_time, "grouped": grouped.step, "vmap": vmapped.step}
 
