@@ -9,16 +9,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from harness.config import TrainConfig
-from harness.pack import PackTrainer, initial_model, resolve_device
+from harness.pack import PackTrainer, default_pack, initial_model, resolve_device
 
 WARMUP_STEPS = 5  # on CUDA these include the eager steps before the graph is captured
 CHUNK = 5  # steps timed together, between device synchronisations
 IMAGES = 4096  # stand-in training images: their content does not change the cost
 PAPER_TRIAL_IMAGES = 5000 * 128  # the official MNIST run: 5,000 steps at batch 128
-# Members packed by default: on this project's 2-core CPU, a pack of 2 trains as fast per image as a
-# pack of one (benchmarks/README.md), so 2 halves the evaluations' share of nothing but keeps trials in
-# lockstep; on a GPU a pack is what fills the chip.
-DEFAULT_PACK = {"cpu": 1, "cuda": 16, "mps": 4}
 
 
 def synchronize(device: torch.device) -> None:
@@ -53,11 +49,11 @@ def benchmark(
     seed: int = 0,
     cuda_graph: bool = True,
 ) -> dict[str, object]:
-    """A pack of `pack` members (seeds `seed`, `seed + 1`, ...; default: DEFAULT_PACK of the device): images/s
+    """A pack of `pack` members (seeds `seed`, `seed + 1`, ...; default: the device's default pack): images/s
     of all members together and per member (median over chunks of CHUNK steps after warm-up), FLOPs per image,
     GFLOP/s and their share of a float32 matmul's rate measured in the same run, and paper-scale trials/hour."""
     device = resolve_device(device_name)
-    members = pack if pack is not None else DEFAULT_PACK.get(device.type, 1)
+    members = pack if pack is not None else default_pack(device)
     configs = [
         TrainConfig.model_validate({"optim": {"batch_size": batch_size}, "device": device_name, "seed": seed + k})
         for k in range(members)

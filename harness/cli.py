@@ -270,6 +270,12 @@ def server_command(store: str | None, artifacts: Path, host: str, port: int, wor
 @click.option("--storage", default=None, help="Optuna storage URL (beats the file).")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (beats the file and MLFLOW_TRACKING_URI).")
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (beats the file's train.device).")
+@click.option(
+    "--pack",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Trials a worker trains as one fused model (beats the file's pack). [default: the device's]",
+)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a dotted study-file key.")
 def sweep_command(
     study_file: Path,
@@ -278,6 +284,7 @@ def sweep_command(
     storage: str | None,
     tracking_uri: str | None,
     device: str | None,
+    pack: int | None,
     overrides: tuple[str, ...],
 ) -> None:
     """Run or resume an Optuna study: one MLflow parent run, a child run per trial."""
@@ -286,7 +293,8 @@ def sweep_command(
     from harness.sweep.coordinator import run_sweep
     from harness.sweep.spec import load_study_spec
 
-    spec = load_study_spec(study_file, trials, storage, tracking_uri, device, overrides)
+    flags = (f"pack={pack}",) if pack is not None else ()
+    spec = load_study_spec(study_file, trials, storage, tracking_uri, device, (*overrides, *flags))
     sys.exit(run_sweep(spec, study_file, workers, Console()))
 
 

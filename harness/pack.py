@@ -29,6 +29,10 @@ from harness.latent import Latent, LatentSpec
 from harness.model import InfoGAN
 from harness.packed_model import PackedInfoGAN, member_state
 
+# Trials a worker packs when the study does not say: on the 2-core CPU this project is measured on, a pack
+# of 2 is no faster per image than two trials in turn (benchmarks/README.md, "Trial packs"); on a GPU a
+# pack is what fills the chip.
+DEFAULT_PACK = {"cpu": 1, "cuda": 16, "mps": 4}
 WARMUP_STEPS = 3  # eager steps (on a side stream) before the step is captured as a CUDA graph
 
 
@@ -44,6 +48,11 @@ def resolve_device(name: str) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def default_pack(device: torch.device) -> int:
+    """How many trials a sweep's worker trains as one pack on `device` when its study does not say."""
+    return DEFAULT_PACK.get(device.type, 1)
 
 
 def seed_everything(seed: int) -> None:

@@ -42,6 +42,7 @@ STUDY_TAG = "optuna.study"  # on trial runs only, so readers of a study's trials
 TRIAL_TAG = "optuna.trial"
 STATE_TAG = "harness.state"  # how the trial ended: COMPLETE, PRUNED, FAIL, INTERRUPTED, LOST
 RETRY_TAG = "harness.retry_of"  # on a retry's run: the number of the lost trial it replaces
+PACK_TAG = "harness.pack"  # on a trial's run: how many trials its worker trained with it as one model
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:

@@ -4,6 +4,7 @@ each evaluation goes to the listeners."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,9 @@ class GroupListener:
     def on_log_round(self, step: int, values: Sequence[dict[str, float]]) -> None: ...
 
     def on_eval_round(self, step: int, evaluations: Sequence[Evaluation]) -> None: ...
+
+    def on_stop(self, error: Exception) -> None:
+        """The group stopped early (pruned, diverged, a listener's error): its members train no more."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,12 @@ def check_packable(configs: Sequence[TrainConfig]) -> None:
             raise ValueError(f"pack members must share {', '.join(differ)}")
 
 
+def pack_key(cfg: TrainConfig) -> str:
+    """The values of SHARED_KEYS: configs with the same key can train in one pack."""
+    flat = flatten(cfg.model_dump(mode="json"))
+    return json.dumps({k: v for k, v in flat.items() if k.startswith(SHARED_KEYS)}, sort_keys=True)
+
+
 class PackRun:
     """The groups of one `train_pack` call, their members, which groups have stopped and why, and the fused
     pack of the members still training (None once none is)."""
@@ -138,6 +148,8 @@ class PackRun:
                 work(g, group)
             except Exception as err:  # a pruned trial, a diverging loss, any error of its listeners
                 self.errors[g] = err
+                for watcher in group.watchers:
+                    watcher.on_stop(err)
 
     def start(self, g: int, group: Group) -> None:
         for cfg, listeners in zip(group.configs, group.listeners, strict=True):
@@ -243,6 +255,9 @@ def train_pack(groups: Sequence[Group]) -> list[GroupOutcome]:
             run.evaluate(step)
             window_paused += time.perf_counter() - began
     return run.outcomes(shared.steps, time.perf_counter() - started)
+
+
+Trainer = Callable[[Sequence[Group]], list[GroupOutcome]]  # what trains groups: train_pack (a stub only in tests)
 
 
 def train(cfg: TrainConfig, listeners: Sequence[TrainListener] = ()) -> TrainResult:

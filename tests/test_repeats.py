@@ -71,10 +71,14 @@ class StopAt(GroupListener):
 
     def __init__(self, step: int) -> None:
         self.step = step
+        self.stops: list[Exception] = []  # what on_stop was told
 
     def on_eval_round(self, step: int, evaluations: list[Evaluation]) -> None:
         if step == self.step:
             raise RuntimeError(f"stopped at step {step}")
+
+    def on_stop(self, error: Exception) -> None:
+        self.stops.append(error)
 
 
 def test_a_group_stops_as_a_whole_and_the_other_groups_go_on(tmp_path: Path) -> None:
@@ -84,15 +88,17 @@ def test_a_group_stops_as_a_whole_and_the_other_groups_go_on(tmp_path: Path) -> 
     alone = Recorder()
     train(fine, [alone])
     recorders = [Recorder() for _ in range(4)]
+    watchers = [StopAt(step=-1), StopAt(step=0), StopAt(step=-1)]  # step -1: never stops its group itself
     outcomes = train_pack(
         [
-            Group([diverging], [[recorders[0]]]),
-            Group(stopped, [[recorders[1]], [recorders[2]]], [StopAt(step=0)]),
-            Group([fine], [[recorders[3]]]),
+            Group([diverging], [[recorders[0]]], [watchers[0]]),
+            Group(stopped, [[recorders[1]], [recorders[2]]], [watchers[1]]),
+            Group([fine], [[recorders[3]]], [watchers[2]]),
         ]
     )
     assert type(outcomes[0].error).__name__ == "DivergenceError" and recorders[0].logs == []
     assert str(outcomes[1].error) == "stopped at step 0" and outcomes[1].results == []
+    assert [w.stops for w in watchers] == [[outcomes[0].error], [outcomes[1].error], []]  # told once, when it stopped
     assert all(r.logs == [] and [e.step for e in r.evals] == [0] for r in recorders[1:3])  # both seeds stopped
     assert outcomes[2].error is None
     assert_close_run(recorders[3], alone)  # the groups beside it changed nothing
