@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from harness.data import load_dataset
-from harness.evaluate import Evaluator, HeldOut, as_float_images
+from harness.evaluate import Evaluator, HeldOut
+from harness.pack import PackTrainer, initial_model, resolve_device
 from harness.sweep.spec import load_study_spec
-from harness.train import InfoGANTrainer, resolve_device, seed_everything
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 
@@ -47,17 +47,16 @@ def main() -> None:
     args = parser.parse_args()
     for path in sorted(STUDIES.glob("*.yaml")):
         cfg = load_study_spec(path).train.model_copy(update={"device": "auto"})
-        seed_everything(cfg.seed)
         device = resolve_device(cfg.device)
         data = load_dataset(cfg.data.model_copy(update={"download": False})).to(device)
-        trainer = InfoGANTrainer(cfg, device)
+        model = initial_model(cfg, device)
+        trainer = PackTrainer([cfg], [model], data.train_images, device)  # a pack of one: one trial
         started = time.perf_counter()
         held_out = HeldOut(data, device, with_properties=cfg.codes.continuous > 0)
         evaluate = Evaluator(trainer.spec, held_out, cfg.seed, device)
         setup = time.perf_counter() - started
-        batch = as_float_images(data.train_images[: cfg.optim.batch_size])
-        step = median_seconds(partial(trainer.step, batch), args.steps)
-        evaluation = median_seconds(partial(evaluate, trainer.model, 0), args.repeats)
+        step = median_seconds(trainer.step, args.steps)
+        evaluation = median_seconds(partial(evaluate, model, 0), args.repeats)
         window = cfg.eval_every * step
         result = {
             "study": path.stem,

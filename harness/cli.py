@@ -117,12 +117,22 @@ def train_command(
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=2))
 @click.option("--steps", default=30, show_default=True, type=click.IntRange(min=1), help="Timed steps after warm-up.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-def bench_command(batch_size: int, steps: int, device: str) -> None:
-    """Print one JSON line: images/s of the full D+Q+G step, GFLOP per image, GFLOP/s."""
+@click.option(
+    "--pack",
+    default=None,
+    type=click.IntRange(min=1),
+    help="InfoGANs trained as one fused model. [default: the device's default pack]",
+)
+@click.option(
+    "--cuda-graph/--no-cuda-graph", default=True, show_default=True, help="On CUDA, replay the step as a CUDA graph."
+)
+def bench_command(batch_size: int, steps: int, device: str, pack: int | None, cuda_graph: bool) -> None:
+    """Print one JSON line: images/s of a pack's full D+Q+G step (all members and per member), GFLOP per image,
+    GFLOP/s and its share of a float32 matmul's rate, and paper-scale trials per hour."""
     from harness.bench import benchmark
 
     load_train_config(None, (f"device={device}",))  # the same validation as train
-    click.echo(json.dumps(benchmark(batch_size, steps, device)))
+    click.echo(json.dumps(benchmark(batch_size, steps, pack, device, cuda_graph=cuda_graph)))
 
 
 @main.command("report")
@@ -260,6 +270,12 @@ def server_command(store: str | None, artifacts: Path, host: str, port: int, wor
 @click.option("--storage", default=None, help="Optuna storage URL (beats the file).")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (beats the file and MLFLOW_TRACKING_URI).")
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (beats the file's train.device).")
+@click.option(
+    "--pack",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Trials a worker trains as one fused model (beats the file's pack). [default: the device's]",
+)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a dotted study-file key.")
 def sweep_command(
     study_file: Path,
@@ -268,6 +284,7 @@ def sweep_command(
     storage: str | None,
     tracking_uri: str | None,
     device: str | None,
+    pack: int | None,
     overrides: tuple[str, ...],
 ) -> None:
     """Run or resume an Optuna study: one MLflow parent run, a child run per trial."""
@@ -276,7 +293,8 @@ def sweep_command(
     from harness.sweep.coordinator import run_sweep
     from harness.sweep.spec import load_study_spec
 
-    spec = load_study_spec(study_file, trials, storage, tracking_uri, device, overrides)
+    flags = (f"pack={pack}",) if pack is not None else ()
+    spec = load_study_spec(study_file, trials, storage, tracking_uri, device, (*overrides, *flags))
     sys.exit(run_sweep(spec, study_file, workers, Console()))
 
 

@@ -12,9 +12,20 @@ from harness.config import CodesConfig
 
 
 class Latent(NamedTuple):
+    """One model's latents, or a pack's with a leading member dim (P, B, ...)."""
+
     vector: torch.Tensor  # (B, spec.dim): [noise | one-hot codes | continuous codes]
     categories: torch.Tensor  # (B, n_categorical) int64, the drawn category of each code
     continuous: torch.Tensor  # (B, n_continuous) in [-1, 1]
+
+
+class LatentDraws(NamedTuple):
+    """A pack's raw draws for one batch, written in place member by member (static buffers, so that the
+    step that reads them can be a captured CUDA graph)."""
+
+    noise: torch.Tensor  # (P, B, noise) in [0, 1)
+    categories: torch.Tensor  # (P, n_categorical, B) int64
+    continuous: torch.Tensor  # (P, B, n_continuous) in [0, 1)
 
 
 @dataclass(frozen=True)
@@ -37,19 +48,33 @@ class LatentSpec:
         return sum(self.categorical) + 2 * self.continuous
 
     def build(self, noise: torch.Tensor, categories: torch.Tensor, continuous: torch.Tensor) -> Latent:
-        one_hots = [F.one_hot(categories[:, i], k).to(noise.dtype) for i, k in enumerate(self.categorical)]
-        vector = torch.cat([noise, *one_hots, continuous], dim=1)
+        """(..., B, noise), (..., B, n_categorical), (..., B, n_continuous) -> their Latent."""
+        one_hots = [F.one_hot(categories[..., i], k).to(noise.dtype) for i, k in enumerate(self.categorical)]
+        vector = torch.cat([noise, *one_hots, continuous], dim=-1)
         return Latent(vector, categories, continuous)
 
-    def sample(self, batch: int, generator: torch.Generator, device: torch.device) -> Latent:
-        """Noise and continuous codes ~ Unif(-1, 1) (the official code), categories ~ Cat(K) uniform."""
-        noise = torch.rand(batch, self.noise, generator=generator, device=device) * 2 - 1
-        categories = (
-            torch.stack(
-                [torch.randint(k, (batch,), generator=generator, device=device) for k in self.categorical], dim=1
-            )
-            if self.categorical
-            else torch.zeros(batch, 0, dtype=torch.long, device=device)
+    def empty_draws(self, members: int, batch: int, device: torch.device) -> LatentDraws:
+        return LatentDraws(
+            torch.empty(members, batch, self.noise, device=device),
+            torch.empty(members, len(self.categorical), batch, dtype=torch.long, device=device),
+            torch.empty(members, batch, self.continuous, device=device),
         )
-        continuous = torch.rand(batch, self.continuous, generator=generator, device=device) * 2 - 1
-        return self.build(noise, categories, continuous)
+
+    def draw(self, draws: LatentDraws, member: int, generator: torch.Generator) -> None:
+        """Member `member`'s draws for one batch from its generator: noise, each categorical code, the
+        continuous codes, in this order (the official code's distributions, see `latent`)."""
+        torch.rand(draws.noise.shape[1:], generator=generator, out=draws.noise[member])
+        for i, k in enumerate(self.categorical):
+            torch.randint(k, draws.categories.shape[2:], generator=generator, out=draws.categories[member, i])
+        torch.rand(draws.continuous.shape[1:], generator=generator, out=draws.continuous[member])
+
+    def latent(self, draws: LatentDraws) -> Latent:
+        """The pack's latents (P, B, ...): noise and continuous codes ~ Unif(-1, 1), categories ~ Cat(K)."""
+        return self.build(draws.noise * 2 - 1, draws.categories.transpose(1, 2), draws.continuous * 2 - 1)
+
+    def sample(self, batch: int, generator: torch.Generator, device: torch.device) -> Latent:
+        """One model's latents (B, ...), drawn as a pack member's are."""
+        draws = self.empty_draws(1, batch, device)
+        self.draw(draws, 0, generator)
+        vector, categories, continuous = self.latent(draws)
+        return Latent(vector[0], categories[0], continuous[0])

@@ -42,6 +42,7 @@ STUDY_TAG = "optuna.study"  # on trial runs only, so readers of a study's trials
 TRIAL_TAG = "optuna.trial"
 STATE_TAG = "harness.state"  # how the trial ended: COMPLETE, PRUNED, FAIL, INTERRUPTED, LOST
 RETRY_TAG = "harness.retry_of"  # on a retry's run: the number of the lost trial it replaces
+PACK_TAG = "harness.pack"  # on a trial's run: how many trials its worker trained with it as one model
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -62,6 +63,11 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     return (path.parent / "artifacts" / folder).as_uri()
 
 
+# A process that writes to a database store itself, no server between: a small pool, like its Optuna storage's
+# (MLflow's default, 5 + 10 a process, would let 7 workers hold PostgreSQL's 100 connections); the user's win.
+DATABASE_STORE_POOL_ENV = {"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "2", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "3"}
+
+
 def client_for(uri: str | None) -> MlflowClient:
     """A client of the store or server at `uri`, the store made ready (created, if new) before it returns; a
     database driver that is missing is a ConfigError."""
@@ -70,6 +76,9 @@ def client_for(uri: str | None) -> MlflowClient:
     if problem is not None:
         raise ConfigError(display_url(uri), "", problem)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a server's run links: ours say where
+    if not is_server(uri) and not uri.startswith("sqlite"):
+        for name, value in DATABASE_STORE_POOL_ENV.items():
+            os.environ.setdefault(name, value)
     client = MlflowClient(tracking_uri=uri)
     created_once(lambda: client.search_experiments(max_results=1))
     return client

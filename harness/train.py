@@ -4,26 +4,18 @@ each evaluation goes to the listeners."""
 
 from __future__ import annotations
 
-import math
-import random
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from harness import metrics
 from harness.config import TrainConfig, flatten
-from harness.data import Dataset, load_dataset
-from harness.evaluate import Evaluation, Evaluator, HeldOut, as_float_images, held_out_for
-from harness.latent import Latent, LatentSpec
-from harness.model import InfoGAN
-
-
-class DivergenceError(RuntimeError):
-    """A loss became NaN or infinite: the trial diverged."""
+from harness.data import load_dataset
+from harness.evaluate import Evaluation, Evaluator, HeldOut, held_out_for
+from harness.latent import LatentSpec
+from harness.pack import PackTrainer, initial_model, resolve_device
 
 
 @dataclass(frozen=True)
@@ -54,139 +46,6 @@ class TrainListener:
     def on_eval(self, evaluation: Evaluation) -> None: ...
 
 
-def resolve_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def seed_everything(seed: int) -> None:
-    """Python, NumPy and torch's default generators (CPU and every GPU)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-class InfoGANTrainer:
-    """Model, optimisers and the D+Q / G update of one step."""
-
-    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
-        self.cfg, self.device = cfg, device
-        self.spec = LatentSpec.from_config(cfg.codes)
-        self.model = InfoGAN(self.spec.dim, self.spec.q_dim).to(device)
-        betas = (cfg.optim.beta1, cfg.optim.beta2)
-        model = self.model
-        # Q's head steps with D's optimiser (the official code) or with G's (many ports);
-        # either way the info loss reaches the shared trunk in the D step.
-        q_with_d = cfg.optim.q_optimizer == "d"
-        d_parts = [model.trunk, model.d_head, *([model.q_head] if q_with_d else [])]
-        g_parts = [model.generator, *([] if q_with_d else [model.q_head])]
-        self.frozen_in_g_step = d_parts  # their weights stay, G's gradient still flows through them
-        self.opt_d = torch.optim.Adam([p for m in d_parts for p in m.parameters()], lr=cfg.optim.lr_d, betas=betas)
-        self.opt_g = torch.optim.Adam([p for m in g_parts for p in m.parameters()], lr=cfg.optim.lr_g, betas=betas)
-        self.latent_rng = torch.Generator(device).manual_seed(cfg.seed)
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-        self.cat_entropy = sum(metrics.categorical_entropy(k) for k in self.spec.categorical)
-
-    def info_terms(self, q_out: torch.Tensor, latent: Latent) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy per categorical code (n_cat,) and the summed Gaussian NLL of the
-        continuous codes (), both batch means: -L_I up to the constant H(c)."""
-        q_out = q_out.float()
-        n_logits = sum(self.spec.categorical)
-        logits = q_out[:, :n_logits].split(list(self.spec.categorical), dim=1)
-        ce = (
-            torch.stack([F.cross_entropy(code_logits, latent.categories[:, i]) for i, code_logits in enumerate(logits)])
-            if logits
-            else q_out.new_zeros(0)
-        )
-        mean, log_std = q_out[:, n_logits:].chunk(2, dim=1)  # (B, n_con) each
-        if self.cfg.loss.continuous_std == "fixed":
-            log_std = torch.zeros_like(log_std)
-        z = (latent.continuous - mean) * torch.exp(-log_std)
-        nll = (0.5 * z.square() + log_std + 0.5 * math.log(2 * math.pi)).sum(dim=1).mean()
-        return ce, nll
-
-    def info_loss(self, ce: torch.Tensor, nll: torch.Tensor) -> torch.Tensor:
-        return self.cfg.loss.lambda_cat * ce.sum() + self.cfg.loss.lambda_con * nll
-
-    def step(self, real: torch.Tensor) -> torch.Tensor:
-        """One D+Q update then one G update; returns detached stats
-        [loss/d, loss/g, loss/info, nll_con, ce per categorical code...] without a host sync."""
-        latent = self.spec.sample(real.shape[0], self.latent_rng, self.device)
-        with self.autocast:
-            fake = self.model.generator(latent.vector)  # (B, 1, 28, 28) in [0, 1]
-        loss_d = self.step_d(real, fake, latent)
-        loss_g, loss_info, ce, nll = self.step_g(fake, latent)
-        return torch.cat([torch.stack([loss_d, loss_g, loss_info, nll]), ce]).detach()
-
-    def step_d(self, real: torch.Tensor, fake: torch.Tensor, latent: Latent) -> torch.Tensor:
-        """D and Q (shared trunk) take one step: real vs fake, plus λ·(-L_I) on `fake` made from `latent`,
-        detached here so that G's graph stays for `step_g`; returns loss/d."""
-        ones = torch.ones(len(real), device=self.device)
-        zeros = torch.zeros(len(fake), device=self.device)
-        with self.autocast:
-            d_real, _ = self.model.discriminate(real)
-            d_fake, q_fake = self.model.discriminate(fake.detach())
-        loss_d = F.binary_cross_entropy_with_logits(d_real.float(), ones) + F.binary_cross_entropy_with_logits(
-            d_fake.float(), zeros
-        )
-        ce, nll = self.info_terms(q_fake, latent)
-        self.opt_d.zero_grad(set_to_none=True)
-        (loss_d + self.info_loss(ce, nll)).backward()
-        self.opt_d.step()
-        return loss_d
-
-    def step_g(
-        self, fake: torch.Tensor, latent: Latent
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """G (and Q if it steps with G) take one step: fool D and make the codes recoverable from `fake`
-        (attached to G's graph); returns loss/g, loss/info, ce (n_cat,) and nll ()."""
-        ones = torch.ones(len(fake), device=self.device)
-        for module in self.frozen_in_g_step:
-            module.requires_grad_(False)
-        with self.autocast:
-            d_fake, q_fake = self.model.discriminate(fake)
-        loss_g = F.binary_cross_entropy_with_logits(d_fake.float(), ones)
-        ce, nll = self.info_terms(q_fake, latent)
-        loss_info = self.info_loss(ce, nll)
-        self.opt_g.zero_grad(set_to_none=True)
-        (loss_g + loss_info).backward()
-        self.opt_g.step()
-        for module in self.frozen_in_g_step:
-            module.requires_grad_(True)
-        return loss_g, loss_info, ce, nll
-
-    def window_metrics(self, stats_sum: torch.Tensor, count: int) -> dict[str, float]:
-        """Means over a log window of `step`'s stats, named for MLflow."""
-        loss_d, loss_g, loss_info, nll, *ce = (stats_sum / count).tolist()  # the one host sync
-        values = {"loss/d": loss_d, "loss/g": loss_g, "loss/info": loss_info}
-        if not all(math.isfinite(v) for v in (loss_d, loss_g, loss_info)):
-            raise DivergenceError(f"non-finite loss: loss/d={loss_d}, loss/g={loss_g}, loss/info={loss_info}")
-        if ce:
-            values["info/mi_cat"] = self.cat_entropy - sum(ce)
-            values["info/h_cat"] = self.cat_entropy
-            if len(ce) > 1:
-                for i, (k, code_ce) in enumerate(zip(self.spec.categorical, ce, strict=True)):
-                    values[f"info/mi_cat/c{i}"] = metrics.mutual_information_bound(code_ce, k)
-        if self.spec.continuous:
-            values["info/mi_con"] = self.spec.continuous * metrics.uniform_entropy() - nll
-        return values
-
-    def weights(self) -> dict[str, object]:
-        parts = ("generator", "trunk", "d_head", "q_head")
-        state = {name: getattr(self.model, name).state_dict() for name in parts}
-        spec = {
-            "noise": self.spec.noise,
-            "categorical": list(self.spec.categorical),
-            "continuous": self.spec.continuous,
-        }
-        return {**state, "latent": spec}
-
-
 class GroupListener:
     """Sees each round of a group of pack members trained together (a trial's seeds): the log values, or the
     evaluations, of all its members at one step, in member order. Raising stops every member of the group."""
@@ -196,6 +55,9 @@ class GroupListener:
     def on_log_round(self, step: int, values: Sequence[dict[str, float]]) -> None: ...
 
     def on_eval_round(self, step: int, evaluations: Sequence[Evaluation]) -> None: ...
+
+    def on_stop(self, error: Exception) -> None:
+        """The group stopped early (pruned, diverged, a listener's error): its members train no more."""
 
 
 @dataclass(frozen=True)
@@ -218,42 +80,31 @@ SHARED_KEYS = ("data", "codes", "optim.batch_size", "steps", "eval_every", "log_
 
 
 class Member:
-    """One InfoGAN of a pack: its model and optimisers, its evaluator, its batch order and log window. All of
-    its randomness comes from its config's seed, as if it trained alone."""
+    """One InfoGAN of a pack as its listeners see it: its config, its evaluator (latents fixed from its seed),
+    its every metric's last value, and an InfoGAN into which the pack's state of it is loaded for evaluation
+    and for the final weights."""
 
-    def __init__(self, cfg: TrainConfig, data: Dataset, held_out: HeldOut, device: torch.device) -> None:
-        self.cfg, self.data = cfg, data
-        seed_everything(cfg.seed)  # the initial weights
-        self.trainer = InfoGANTrainer(cfg, device)
-        self.evaluate = Evaluator(self.trainer.spec, held_out, cfg.seed, device)
-        self.batch_rng = torch.Generator(device).manual_seed(cfg.seed + 2)
-        self.batch_size = min(cfg.optim.batch_size, len(data.train_images))
-        self.order = torch.empty(0, dtype=torch.long, device=device)
-        self.window: torch.Tensor | None = None  # the step stats summed over the log window
-        self.window_steps = 0
-        self.last: dict[str, float] = {}  # every metric's last value
+    def __init__(self, cfg: TrainConfig, held_out: HeldOut, device: torch.device) -> None:
+        self.cfg = cfg
+        self.model = initial_model(cfg, device)  # the initial weights, from its seed
+        self.evaluate = Evaluator(LatentSpec.from_config(cfg.codes), held_out, cfg.seed, device)
+        self.last: dict[str, float] = {}
 
-    def step(self) -> None:
-        if len(self.order) < self.batch_size:  # a new epoch, the last partial batch dropped
-            self.order = torch.randperm(len(self.data.train_images), generator=self.batch_rng, device=self.order.device)
-        index, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
-        stats = self.trainer.step(as_float_images(self.data.train_images[index]))
-        self.window = stats if self.window is None else self.window + stats
-        self.window_steps += 1
-
-    def log_values(self, seconds: float) -> dict[str, float]:
-        """The log window's metrics (raises DivergenceError on a non-finite loss); `seconds`: its wall time."""
-        assert self.window is not None, "a log window holds at least one step"
-        values = self.trainer.window_metrics(self.window, self.window_steps)
-        values["perf/images_per_s"] = self.window_steps * self.batch_size / seconds
-        self.window, self.window_steps = None, 0
-        self.last.update(values)
-        return values
-
-    def evaluation(self, step: int) -> Evaluation:
-        evaluation = self.evaluate(self.trainer.model, step)
+    def evaluation(self, state: dict[str, torch.Tensor], step: int) -> Evaluation:
+        self.model.load_state_dict(state)
+        evaluation = self.evaluate(self.model, step)
         self.last.update(evaluation.metrics)
         return evaluation
+
+    def weights(self, state: dict[str, torch.Tensor]) -> dict[str, object]:
+        """The state dicts of its modules, and the latent layout: torch.save-able."""
+        self.model.load_state_dict(state)
+        parts = ("generator", "trunk", "d_head", "q_head")
+        weights: dict[str, object] = {name: getattr(self.model, name).state_dict() for name in parts}
+        codes = self.cfg.codes
+        return weights | {
+            "latent": {"noise": codes.noise, "categorical": list(codes.categorical), "continuous": codes.continuous}
+        }
 
 
 def check_packable(configs: Sequence[TrainConfig]) -> None:
@@ -266,10 +117,114 @@ def check_packable(configs: Sequence[TrainConfig]) -> None:
             raise ValueError(f"pack members must share {', '.join(differ)}")
 
 
+def pack_key(cfg: TrainConfig) -> str:
+    """The values of SHARED_KEYS: configs with the same key can train in one pack."""
+    flat = flatten(cfg.model_dump(mode="json"))
+    return json.dumps({k: v for k, v in flat.items() if k.startswith(SHARED_KEYS)}, sort_keys=True)
+
+
+class PackRun:
+    """The groups of one `train_pack` call, their members, which groups have stopped and why, and the fused
+    pack of the members still training (None once none is)."""
+
+    def __init__(self, groups: Sequence[Group], info: RunInfo, held_out: HeldOut, train_images: torch.Tensor) -> None:
+        self.groups, self.info, self.held_out = groups, info, held_out
+        self.errors: dict[int, Exception] = {}
+        self.members: dict[int, list[Member]] = {}
+        self.each_live(self.start)
+        self.slots = [(g, i) for g, group in self.members.items() for i in range(len(group))]  # the pack's rows
+        models = [self.members[g][i] for g, i in self.slots]
+        device = train_images.device
+        self.pack = (
+            PackTrainer([m.cfg for m in models], [m.model for m in models], train_images, device) if models else None
+        )
+
+    def each_live(self, work: Callable[[int, Group], None]) -> None:
+        """Run `work` for each group still training; an exception stops that group alone."""
+        for g, group in enumerate(self.groups):
+            if g in self.errors:
+                continue
+            try:
+                work(g, group)
+            except Exception as err:  # a pruned trial, a diverging loss, any error of its listeners
+                self.errors[g] = err
+                for watcher in group.watchers:
+                    watcher.on_stop(err)
+
+    def start(self, g: int, group: Group) -> None:
+        for cfg, listeners in zip(group.configs, group.listeners, strict=True):
+            for listener in listeners:
+                listener.on_start(self.info, cfg)
+        for watcher in group.watchers:
+            watcher.on_start(self.info, group.configs)
+        device = torch.device(self.info.device)
+        self.members[g] = [Member(cfg, self.held_out, device) for cfg in group.configs]
+
+    def state(self, g: int, i: int) -> dict[str, torch.Tensor]:
+        """Member i of group g's InfoGAN state, out of the pack."""
+        assert self.pack is not None, "a live group's members are in the pack"
+        return self.pack.member_state(self.slots.index((g, i)))
+
+    def evaluate(self, step: int) -> None:
+        def work(g: int, group: Group) -> None:
+            evaluations = [member.evaluation(self.state(g, i), step) for i, member in enumerate(self.members[g])]
+            for evaluation, listeners in zip(evaluations, group.listeners, strict=True):
+                for listener in listeners:
+                    listener.on_eval(evaluation)
+            for watcher in group.watchers:
+                watcher.on_eval_round(step, evaluations)
+
+        self.each_live(work)
+
+    def log(self, step: int, means: list[list[float]], images_per_s: float) -> None:
+        """`means`: a row of the window's mean step stats per pack member."""
+
+        def work(g: int, group: Group) -> None:
+            assert self.pack is not None
+            values = [
+                self.pack.log_values(means[self.slots.index((g, i))]) | {"perf/images_per_s": images_per_s}
+                for i in range(len(self.members[g]))
+            ]  # a diverging member raises here: its group stops
+            for member, member_values, listeners in zip(self.members[g], values, group.listeners, strict=True):
+                member.last.update(member_values)
+                for listener in listeners:
+                    listener.on_log(step, member_values)
+            for watcher in group.watchers:
+                watcher.on_log_round(step, values)
+
+        self.each_live(work)
+
+    def drop_stopped(self, window: torch.Tensor | None) -> torch.Tensor | None:
+        """The members of groups that stopped leave the pack, so they cost nothing from the next step on;
+        returns the rows of `window` (P, stats) that stay."""
+        keep = [k for k, (g, _) in enumerate(self.slots) if g not in self.errors]
+        if self.pack is None or len(keep) == len(self.slots):
+            return window
+        self.slots = [self.slots[k] for k in keep]
+        if not keep:
+            self.pack = None
+            return None
+        self.pack.select(keep)
+        return window[keep] if window is not None else None
+
+    def outcomes(self, steps: int, seconds: float) -> list[GroupOutcome]:
+        def results(g: int) -> list[TrainResult]:
+            return [
+                TrainResult(steps, member.last, member.weights(self.state(g, i)), self.info, seconds)
+                for i, member in enumerate(self.members[g])
+            ]
+
+        return [
+            GroupOutcome([], self.errors[g]) if g in self.errors else GroupOutcome(results(g), None)
+            for g in range(len(self.groups))
+        ]
+
+
 def train_pack(groups: Sequence[Group]) -> list[GroupOutcome]:
-    """Train every member of every group in lockstep: one step each in turn, evaluated at the same steps,
+    """Train every member of every group as one fused model (`harness.pack`), evaluated at the same steps,
     each as it would train alone. A group stops as a whole when one of its members' losses diverges or one of
-    its listeners raises; the others go on. Ctrl-C stops them all."""
+    its listeners raises; the others go on, and the stopped group's members leave the pack. Ctrl-C stops them
+    all."""
     started = time.perf_counter()
     configs = [cfg for group in groups for cfg in group.configs]
     check_packable(configs)
@@ -278,82 +233,31 @@ def train_pack(groups: Sequence[Group]) -> list[GroupOutcome]:
     data = load_dataset(shared.data).to(device)
     info = RunInfo(str(device), data.source, data.location, len(data.train_images), len(data.test_images))
     held_out = held_out_for(data, device, with_properties=shared.codes.continuous > 0)
-    errors: dict[int, Exception] = {}
-    members: dict[int, list[Member]] = {}
-
-    def each_live(work: Callable[[int, Group], None]) -> None:
-        """Run `work` for each group still training; an exception stops that group alone."""
-        for g, group in enumerate(groups):
-            if g in errors:
-                continue
-            try:
-                work(g, group)
-            except Exception as err:  # a pruned trial, a diverging loss, any error of its listeners
-                errors[g] = err
-
-    def start(g: int, group: Group) -> None:
-        for cfg, listeners in zip(group.configs, group.listeners, strict=True):
-            for listener in listeners:
-                listener.on_start(info, cfg)
-        for watcher in group.watchers:
-            watcher.on_start(info, group.configs)
-        members[g] = [Member(cfg, data, held_out, device) for cfg in group.configs]
-
-    def evaluate(step: int) -> None:
-        def work(g: int, group: Group) -> None:
-            evaluations = [member.evaluation(step) for member in members[g]]
-            for evaluation, listeners in zip(evaluations, group.listeners, strict=True):
-                for listener in listeners:
-                    listener.on_eval(evaluation)
-            for watcher in group.watchers:
-                watcher.on_eval_round(step, evaluations)
-
-        each_live(work)
-
-    def log(step: int, seconds: float) -> None:
-        def work(g: int, group: Group) -> None:
-            values = [member.log_values(seconds) for member in members[g]]
-            for member_values, listeners in zip(values, group.listeners, strict=True):
-                for listener in listeners:
-                    listener.on_log(step, member_values)
-            for watcher in group.watchers:
-                watcher.on_log_round(step, values)
-
-        each_live(work)
-
-    each_live(start)
+    run = PackRun(groups, info, held_out, data.train_images)
     # A step-0 evaluation: the chance-level baseline; it also makes eval/* each run's first metrics,
     # which the MLflow compare view picks by default.
-    evaluate(0)
-    window_start, window_paused = time.perf_counter(), 0.0
+    run.evaluate(0)
+    window: torch.Tensor | None = None  # (P, stats): the step stats summed over the log window
+    window_steps, window_start, window_paused = 0, time.perf_counter(), 0.0
     for step in range(1, shared.steps + 1):
-        if len(errors) == len(groups):
+        window = run.drop_stopped(window)
+        if run.pack is None:
             break
-        for g, group_members in members.items():
-            if g not in errors:
-                for member in group_members:
-                    member.step()
+        stats = run.pack.step()
+        window, window_steps = (stats if window is None else window + stats), window_steps + 1
         if step % shared.log_every == 0 or step == shared.steps:
-            log(step, time.perf_counter() - window_start - window_paused)  # evaluations excluded
-            window_start, window_paused = time.perf_counter(), 0.0
+            seconds = time.perf_counter() - window_start - window_paused  # evaluations excluded
+            means = (window / window_steps).tolist()  # the one host sync of a log window
+            run.log(step, means, window_steps * run.pack.batch_size / seconds)
+            window, window_steps, window_start, window_paused = None, 0, time.perf_counter(), 0.0
         if step % shared.eval_every == 0 or step == shared.steps:
             began = time.perf_counter()
-            evaluate(step)
+            run.evaluate(step)
             window_paused += time.perf_counter() - began
-
-    seconds = time.perf_counter() - started
-    return [
-        GroupOutcome([], errors[g])
-        if g in errors
-        else GroupOutcome(
-            [TrainResult(shared.steps, m.last, m.trainer.weights(), info, seconds) for m in members[g]], None
-        )
-        for g in range(len(groups))
-    ]
+    return run.outcomes(shared.steps, time.perf_counter() - started)
 
 
-# What trains groups: `train_pack` in production, a stub only in the engine's stress test.
-Trainer = Callable[[Sequence[Group]], list[GroupOutcome]]
+Trainer = Callable[[Sequence[Group]], list[GroupOutcome]]  # what trains groups: train_pack; a stub in the stress test
 
 
 def train(cfg: TrainConfig, listeners: Sequence[TrainListener] = ()) -> TrainResult:

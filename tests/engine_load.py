@@ -33,13 +33,10 @@ from sqlalchemy.engine import make_url
 
 from harness import tracking
 from harness.evaluate import Evaluation
-from harness.sweep.bookkeeping import PARENT_ATTR
-from harness.sweep.coordinator import wind_up
-from harness.sweep.lock import study_lock
+from harness.sweep.coordinator import open_sweep, wind_up
 from harness.sweep.recovery import recover
 from harness.sweep.spec import StudySpec, load_study_spec
-from harness.sweep.storage import SERVER_ENGINE_KWARGS, Sweep, make_sampler, open_storage, open_study, quiet_optuna
-from harness.sweep.summary import study_params, study_tags
+from harness.sweep.storage import SERVER_ENGINE_KWARGS, Sweep, quiet_optuna
 from harness.sweep.workers import RECOVER_EVERY_S, run_worker
 from harness.train import Group, GroupOutcome, RunInfo, TrainResult
 
@@ -239,22 +236,14 @@ def write_study(folder: Path, trials: int) -> Path:
     return path
 
 
-def open_sweep(spec: StudySpec, study_file: Path, artifacts: Path) -> Sweep:
-    """The study and its parent run, opened as `run_sweep` opens them before it starts its workers (the same
-    calls, under the study's lock). The experiment is made first, its artifacts in `artifacts`: on a database
-    store MLflow would put them under the working directory."""
-    storage = open_storage(spec.storage_url, spec.heartbeat)
+def open_load_sweep(spec: StudySpec, study_file: Path, artifacts: Path) -> Sweep:
+    """The study and its parent run, opened as `run_sweep` opens them before it starts its workers. The
+    experiment is made first, its artifacts in `artifacts`: on a database store MLflow would put them under
+    the working directory."""
     client = tracking.client_for(spec.tracking_uri)  # creates MLflow's schema, once, before any worker
     kind = {tracking.EXPERIMENT_KIND_TAG: tracking.EXPERIMENT_KIND}
     client.create_experiment(spec.name, artifact_location=artifacts.as_uri(), tags=kind)
-    with study_lock(storage, spec.storage_url, spec.name):
-        study = open_study(spec, storage, str(study_file), create=True)
-        parent = tracking.open_study_run(
-            client, spec.name, study.user_attrs.get(PARENT_ATTR), study_params(spec), study_tags(spec)
-        )
-        study.set_user_attr(PARENT_ATTR, parent)
-    study.sampler = make_sampler(spec, len(study.get_trials(deepcopy=False)))
-    return Sweep(spec, study, storage, client, parent, spec.heartbeat)
+    return open_sweep(spec, str(study_file))
 
 
 def supervise_stubs(sweep: Sweep, processes: Sequence[BaseProcess], deadline: float, status_dir: Path) -> None:
@@ -283,7 +272,7 @@ def run_load(optuna_url: str, mlflow_url: str, folder: Path, workers: int, trial
     quiet_optuna()
     study_file = write_study(folder, trials)
     spec = load_study_spec(study_file, storage=optuna_url, tracking_uri=mlflow_url)
-    sweep = open_sweep(spec, study_file, folder / "artifacts")
+    sweep = open_load_sweep(spec, study_file, folder / "artifacts")
     status_dir = folder / "status"
     status_dir.mkdir()
     spec_file = status_dir / "study.json"  # the workers' spec, as `supervise` writes it

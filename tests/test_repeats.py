@@ -1,5 +1,6 @@
-"""Seeds in lockstep: a pack's members train as if alone, a group stops as a whole while the others go on,
-and a study with `repeats` judges each trial by its seeds' aggregate, each seed's run nested under the trial's."""
+"""Seeds in lockstep: a pack's members train as if alone (as closely as summation order allows), a group
+stops as a whole while the others go on, and a study with `repeats` judges each trial by its seeds'
+aggregate, each seed's run nested under the trial's."""
 
 from __future__ import annotations
 
@@ -18,18 +19,38 @@ from harness.evaluate import Evaluation
 from harness.sweep.seeds import aggregate, aggregate_metrics, spread_metrics
 from harness.train import Group, GroupListener, train, train_pack
 from tests.conftest import tiny_config
+from tests.test_pack import FOLLOW_RTOL
 from tests.test_sweep import TINY_TRAIN, sweep_args, write_study
 from tests.test_train import Recorder, without_timing
 
 JSON = ("--format", "json")
 
 
-def assert_same_run(a: Recorder, b: Recorder) -> None:
-    assert [(step, without_timing(values)) for step, values in a.logs] == [
-        (step, without_timing(values)) for step, values in b.logs
-    ]
-    assert [e.metrics for e in a.evals] == [e.metrics for e in b.evals]
-    assert all((x.images[k] == y.images[k]).all() for x, y in zip(a.evals, b.evals, strict=True) for k in x.images)
+# Evaluation metrics that a few ulps in the weights cannot move far: rates (abs 0.02) and counts (abs 1). The
+# continuous codes' Spearman ρ are left out: after a few steps the codes do nothing yet, so ρ ranks ties of
+# the measured properties and turns on the last bit of a pixel.
+RATES = ("eval/cat_acc", "eval/cat_acc_majority", "eval/gen_purity")
+COUNTS = ("eval/digits_covered", "eval/gen_digits_covered")
+
+
+def assert_close_run(a: Recorder, b: Recorder) -> None:
+    """`b` logged what `a` did, as closely as summation order allows (tests/test_pack.py says how close, and
+    why): the same steps and names; the losses within FOLLOW_RTOL; the step-0 evaluation exactly (the same
+    initial weights); later evaluations' rates and counts, and the Fréchet distance within 5 %; traversal grids
+    within a few grey levels."""
+    assert [step for step, _ in a.logs] == [step for step, _ in b.logs]
+    for (_, logged), (_, packed) in zip(a.logs, b.logs, strict=True):
+        x, y = without_timing(logged), without_timing(packed)
+        assert x.keys() == y.keys() and all(y[k] == pytest.approx(x[k], rel=FOLLOW_RTOL, abs=1e-3) for k in x)
+    assert [e.step for e in a.evals] == [e.step for e in b.evals] and a.evals[0].metrics == b.evals[0].metrics
+    for x, y in zip(a.evals, b.evals, strict=True):
+        assert x.metrics.keys() == y.metrics.keys() and x.images.keys() == y.images.keys()
+        assert all(abs(x.metrics[k] - y.metrics[k]) <= 0.02 for k in RATES)
+        assert all(abs(x.metrics[k] - y.metrics[k]) <= 1 for k in COUNTS)
+        assert y.metrics["eval/fld"] == pytest.approx(x.metrics["eval/fld"], rel=0.05)
+        for name, grid in x.images.items():
+            difference = np.abs(grid.astype(int) - y.images[name].astype(int))
+            assert difference.max() <= 16 and difference.mean() <= 1
 
 
 def test_members_of_a_pack_train_as_if_each_trained_alone(tmp_path: Path) -> None:
@@ -41,7 +62,7 @@ def test_members_of_a_pack_train_as_if_each_trained_alone(tmp_path: Path) -> Non
     (outcome,) = train_pack([Group(configs, [[recorder] for recorder in together])])
     assert outcome.error is None and [r.steps for r in outcome.results] == [6, 6]
     for a, b in zip(alone, together, strict=True):
-        assert_same_run(a, b)
+        assert_close_run(a, b)
     assert together[0].evals[-1].metrics != together[1].evals[-1].metrics  # two seeds, two models
 
 
@@ -50,10 +71,14 @@ class StopAt(GroupListener):
 
     def __init__(self, step: int) -> None:
         self.step = step
+        self.stops: list[Exception] = []  # what on_stop was told
 
     def on_eval_round(self, step: int, evaluations: list[Evaluation]) -> None:
         if step == self.step:
             raise RuntimeError(f"stopped at step {step}")
+
+    def on_stop(self, error: Exception) -> None:
+        self.stops.append(error)
 
 
 def test_a_group_stops_as_a_whole_and_the_other_groups_go_on(tmp_path: Path) -> None:
@@ -63,18 +88,20 @@ def test_a_group_stops_as_a_whole_and_the_other_groups_go_on(tmp_path: Path) -> 
     alone = Recorder()
     train(fine, [alone])
     recorders = [Recorder() for _ in range(4)]
+    watchers = [StopAt(step=-1), StopAt(step=0), StopAt(step=-1)]  # step -1: never stops its group itself
     outcomes = train_pack(
         [
-            Group([diverging], [[recorders[0]]]),
-            Group(stopped, [[recorders[1]], [recorders[2]]], [StopAt(step=0)]),
-            Group([fine], [[recorders[3]]]),
+            Group([diverging], [[recorders[0]]], [watchers[0]]),
+            Group(stopped, [[recorders[1]], [recorders[2]]], [watchers[1]]),
+            Group([fine], [[recorders[3]]], [watchers[2]]),
         ]
     )
     assert type(outcomes[0].error).__name__ == "DivergenceError" and recorders[0].logs == []
     assert str(outcomes[1].error) == "stopped at step 0" and outcomes[1].results == []
+    assert [w.stops for w in watchers] == [[outcomes[0].error], [outcomes[1].error], []]  # told once, when it stopped
     assert all(r.logs == [] and [e.step for e in r.evals] == [0] for r in recorders[1:3])  # both seeds stopped
     assert outcomes[2].error is None
-    assert_same_run(recorders[3], alone)  # the groups beside it changed nothing
+    assert_close_run(recorders[3], alone)  # the groups beside it changed nothing
 
 
 def test_pack_members_must_share_what_they_step_and_evaluate_by(tmp_path: Path) -> None:

@@ -10,13 +10,13 @@ import torch
 
 from harness.config import TrainConfig
 from harness.evaluate import Evaluation
-from harness.latent import Latent, LatentSpec
+from harness.latent import LatentSpec
 from harness.metric_names import PROPERTIES, is_logged
-from harness.train import DivergenceError, InfoGANTrainer, TrainListener, train
+from harness.model import InfoGAN
+from harness.packed_model import PackedInfoGAN
+from harness.train import TrainListener, train
 from tests.conftest import tiny_config
 
-CPU = torch.device("cpu")
-PARTS = ("generator", "trunk", "d_head", "q_head")  # InfoGAN's modules
 PROPERTY_SUFFIXES = ("", *(f"/{name}" for name in PROPERTIES))  # eval/con_rho/c0 and eval/con_rho/c0/slant, ...
 
 
@@ -89,83 +89,6 @@ def test_several_categorical_codes_get_per_code_metrics(tmp_path: Path) -> None:
     assert "info/mi_con" not in recorder.logs[-1][1] and set(recorder.evals[-1].images) == {"cat0", "cat1"}
 
 
-def fresh_trainer(cfg: TrainConfig) -> InfoGANTrainer:
-    """A trainer whose initial weights depend on nothing but the seed 0."""
-    torch.manual_seed(0)
-    return InfoGANTrainer(cfg, CPU)
-
-
-def one_batch(trainer: InfoGANTrainer) -> tuple[torch.Tensor, Latent]:
-    """The same 16 real images (B, 1, 28, 28) and latents for every trainer."""
-    real = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    return real, trainer.spec.sample(16, torch.Generator().manual_seed(1), CPU)
-
-
-def parameters(trainer: InfoGANTrainer) -> dict[str, list[torch.Tensor]]:
-    """A copy of each module's parameters (not BatchNorm's running statistics, which every forward moves)."""
-    return {part: [p.detach().clone() for p in getattr(trainer.model, part).parameters()] for part in PARTS}
-
-
-def moved(before: dict[str, list[torch.Tensor]], after: dict[str, list[torch.Tensor]]) -> set[str]:
-    """The modules whose parameters changed."""
-    return {
-        part for part in PARTS if any(not torch.equal(a, b) for a, b in zip(before[part], after[part], strict=True))
-    }
-
-
-@pytest.mark.parametrize("q_optimizer", ["d", "g"])
-def test_info_loss_reaches_the_shared_trunk_in_the_d_step(tmp_path: Path, q_optimizer: str) -> None:
-    """From one state and batch, λ changes the gradient D's step leaves on the shared trunk, whichever
-    optimiser steps Q's head."""
-
-    def trunk_gradient(lambda_cat: float) -> torch.Tensor:
-        overrides = (f"loss.lambda_cat={lambda_cat}", "loss.lambda_con=0", f"optim.q_optimizer={q_optimizer}")
-        trainer = fresh_trainer(tiny_config(tmp_path, *overrides))
-        real, latent = one_batch(trainer)
-        trainer.step_d(real, trainer.model.generator(latent.vector), latent)
-        grad = trainer.model.trunk.layers[0].weight.grad  # (64, 1, 4, 4)
-        assert grad is not None
-        return grad
-
-    assert not torch.equal(trunk_gradient(1.0), trunk_gradient(0.0))
-
-
-def test_info_loss_reaches_the_generator_from_one_d_state(tmp_path: Path) -> None:
-    """Two G steps from the same weights (D and Q after one D step, G) and the same fakes: λ changes
-    G's gradient, and D's weights stay."""
-    with_info = fresh_trainer(tiny_config(tmp_path, "loss.lambda_cat=1.0", "loss.lambda_con=0"))
-    real, latent = one_batch(with_info)
-    fake = with_info.model.generator(latent.vector)  # (16, 1, 28, 28), its graph reaching G
-    with_info.step_d(real, fake, latent)
-    without_info = InfoGANTrainer(tiny_config(tmp_path, "loss.lambda_cat=0.0", "loss.lambda_con=0"), CPU)
-    without_info.model.load_state_dict(with_info.model.state_dict())
-    same_fake = without_info.model.generator(latent.vector)  # training-mode BatchNorm: the batch's statistics
-    assert torch.equal(same_fake, fake)
-
-    before = parameters(with_info)
-    with_info.step_g(fake, latent)
-    without_info.step_g(same_fake, latent)
-    assert moved(before, parameters(with_info)) == moved(before, parameters(without_info)) == {"generator"}
-    grads = [trainer.model.generator.fc[0].weight.grad for trainer in (with_info, without_info)]  # (1024, 74)
-    assert grads[0] is not None and grads[1] is not None
-    assert not torch.equal(grads[0], grads[1])
-
-
-@pytest.mark.parametrize("q_optimizer", ["d", "g"])
-def test_q_head_steps_with_the_chosen_optimiser(tmp_path: Path, q_optimizer: str) -> None:
-    """`optim.q_optimizer`: Q's head moves in D's step (`d`) or in G's (`g`), never in both."""
-    trainer = fresh_trainer(tiny_config(tmp_path, f"optim.q_optimizer={q_optimizer}"))
-    real, latent = one_batch(trainer)
-    fake = trainer.model.generator(latent.vector)
-    start = parameters(trainer)
-    trainer.step_d(real, fake, latent)
-    after_d = parameters(trainer)
-    trainer.step_g(fake, latent)
-    q_in_d = {"q_head"} if q_optimizer == "d" else set()
-    assert moved(start, after_d) == {"trunk", "d_head", *q_in_d}
-    assert moved(after_d, parameters(trainer)) == {"generator", *({"q_head"} - q_in_d)}
-
-
 def test_a_short_training_with_q_on_gs_optimiser_runs(tmp_path: Path) -> None:
     recorder = Recorder()
     result = train(tiny_config(tmp_path, "optim.q_optimizer=g", "steps=6"), [recorder])
@@ -173,44 +96,6 @@ def test_a_short_training_with_q_on_gs_optimiser_runs(tmp_path: Path) -> None:
     assert all(math.isfinite(v) for _, values in recorder.logs for v in values.values())
     assert {"loss/info", "info/mi_cat", "info/mi_con"} <= set(recorder.logs[-1][1])
     assert 0.0 <= result.metrics["eval/cat_acc"] <= 1.0
-
-
-def test_cross_entropy_is_taken_on_logits_not_softmax(tiny_cfg: TrainConfig) -> None:
-    trainer = InfoGANTrainer(tiny_cfg, torch.device("cpu"))
-    spec = trainer.spec
-    latent = spec.build(torch.zeros(2, spec.noise), torch.tensor([[0], [3]]), torch.zeros(2, 2))
-    q_out = torch.zeros(2, spec.q_dim)
-    q_out[0, 0] = q_out[1, 3] = 20.0  # confident and right
-    ce, nll = trainer.info_terms(q_out, latent)
-    assert ce.item() < 1e-6  # a softmax before the cross-entropy would leave ~1.46 nats
-    assert nll.item() == pytest.approx(2 * 0.5 * math.log(2 * math.pi))  # mean 0, log-std 0, code 0
-
-
-def test_fixed_std_takes_log_std_as_zero(tmp_path: Path) -> None:
-    """`loss.continuous_std=fixed`: Q's log-std outputs, here far from 0, leave the NLL at σ = 1."""
-    fixed = InfoGANTrainer(tiny_config(tmp_path, "loss.continuous_std=fixed"), CPU)
-    learned = InfoGANTrainer(tiny_config(tmp_path), CPU)
-    spec = fixed.spec  # 10 logits, then 2 means and 2 log-stds
-    codes = [[0.5, -0.25], [-1.0, 0.75]]
-    means = [[0.1, 0.3], [-0.5, 0.0]]
-    log_stds = [[0.7, -1.2], [2.0, -0.4]]
-    latent = spec.build(torch.zeros(2, spec.noise), torch.tensor([[1], [2]]), torch.tensor(codes))
-    q_out = torch.cat([torch.zeros(2, 10), torch.tensor(means), torch.tensor(log_stds)], dim=1)  # (2, 14)
-
-    half_log_2pi = 0.5 * math.log(2 * math.pi)
-    # ½(c - μ)² per code (|c - μ|: 0.4 and 0.55, then 0.5 and 0.75) and ½·log 2π, summed over codes, batch mean
-    by_hand_fixed = ((0.5 * 0.4**2 + 0.5 * 0.55**2) + (0.5 * 0.5**2 + 0.5 * 0.75**2)) / 2 + 2 * half_log_2pi
-    by_hand_learned = (
-        sum(
-            0.5 * ((c - m) / math.exp(s)) ** 2 + s + half_log_2pi
-            for row in range(2)
-            for c, m, s in zip(codes[row], means[row], log_stds[row], strict=True)
-        )
-        / 2
-    )
-    assert fixed.info_terms(q_out, latent)[1].item() == pytest.approx(by_hand_fixed)
-    assert learned.info_terms(q_out, latent)[1].item() == pytest.approx(by_hand_learned)
-    assert abs(by_hand_learned - by_hand_fixed) > 1.0
 
 
 def test_codes_come_from_the_papers_distributions() -> None:
@@ -226,14 +111,8 @@ def test_codes_come_from_the_papers_distributions() -> None:
     )
 
 
-def test_non_finite_losses_raise_divergence(tiny_cfg: TrainConfig) -> None:
-    trainer = InfoGANTrainer(tiny_cfg, torch.device("cpu"))
-    stats = torch.tensor([float("nan"), 1.0, 1.0, 0.0, 2.0])
-    with pytest.raises(DivergenceError, match="non-finite"):
-        trainer.window_metrics(stats, 1)
-
-
 def test_batchnorm_uses_default_eps(tiny_cfg: TrainConfig) -> None:
-    model = InfoGANTrainer(tiny_cfg, torch.device("cpu")).model
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    assert norms and all(m.eps == 1e-5 for m in norms)
+    spec = LatentSpec.from_config(tiny_cfg.codes)
+    for model in (InfoGAN(spec.dim, spec.q_dim), PackedInfoGAN(2, spec.dim, spec.q_dim)):
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert norms and all(m.eps == 1e-5 for m in norms)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import tempfile
 import time
 import warnings
@@ -44,18 +45,9 @@ def run_sweep(spec: StudySpec, study_file: Path, workers: int, console: Console)
     Returns the exit code: 0, 1 when a worker process failed or the storage stayed out of reach, 128 + the
     signal's number when stopped (130: Ctrl-C, 143: SIGTERM)."""
     quiet_optuna()
-    heartbeat = spec.heartbeat
-    storage = open_storage(spec.storage_url, heartbeat)
-    with study_lock(storage, spec.storage_url, spec.name):  # two hosts starting a new study make one, one parent
-        study = open_study(spec, storage, str(study_file), create=True)
-        client = tracking.client_for(spec.tracking_uri)
-        parent = tracking.open_study_run(
-            client, spec.name, study.user_attrs.get(PARENT_ATTR), study_params(spec), study_tags(spec)
-        )
-        study.set_user_attr(PARENT_ATTR, parent)
-    study.sampler = make_sampler(spec, len(study.get_trials(deepcopy=False)))
+    sweep = open_sweep(spec, str(study_file))
     spec = settle_data(spec, str(study_file), console)
-    sweep = Sweep(spec, study, storage, client, parent, heartbeat)
+    sweep = dataclasses.replace(sweep, spec=spec)
     deadline = time.monotonic() + spec.timeout if spec.timeout else None
     status, code = RunStatus.FINISHED, 0
     with tempfile.TemporaryDirectory(prefix="harness-sweep-") as folder:
@@ -84,6 +76,21 @@ def run_sweep(spec: StudySpec, study_file: Path, workers: int, console: Console)
         wind_up(sweep, status)
     print_summary(sweep, console, interrupted=status == RunStatus.KILLED)
     return code
+
+
+def open_sweep(spec: StudySpec, source: str) -> Sweep:
+    """Open or create the study and its parent run, under the study's lock: two hosts starting a new study
+    make one study with one parent run."""
+    storage = open_storage(spec.storage_url, spec.heartbeat)
+    with study_lock(storage, spec.storage_url, spec.name):
+        study = open_study(spec, storage, source, create=True)
+        client = tracking.client_for(spec.tracking_uri)
+        parent = tracking.open_study_run(
+            client, spec.name, study.user_attrs.get(PARENT_ATTR), study_params(spec), study_tags(spec)
+        )
+        study.set_user_attr(PARENT_ATTR, parent)
+    study.sampler = make_sampler(spec, len(study.get_trials(deepcopy=False)))
+    return Sweep(spec, study, storage, client, parent, spec.heartbeat)
 
 
 def settle_data(spec: StudySpec, source: str, console: Console) -> StudySpec:

@@ -36,7 +36,7 @@ from harness.text import format_value
 from harness.train import GroupListener, RunInfo
 
 SHOWN_METRICS = ("loss/d", "loss/g")  # besides the objectives, in the live display
-PROGRESS_PREFIX = "progress-"  # <status dir>/progress-<pid>.json: a worker's running trial
+PROGRESS_PREFIX = "progress-"  # <status dir>/progress-<pid>-<trial>.json: a running trial of a worker
 READ_TRIALS_EVERY_S = 2.0
 
 
@@ -76,8 +76,8 @@ def progress_watchers(
 ) -> Callable[[int], list[GroupListener]]:
     """A trial's display listeners, by trial number: its progress file, then `tick`."""
     shown = [*(objective.metric for objective in spec.objective_list), *SHOWN_METRICS]
-    path = status_dir / f"{PROGRESS_PREFIX}{os.getpid()}.json"
-    return lambda number: [TrialProgress(path, number, shown, spec.aggregate, tick)]
+    prefix = f"{PROGRESS_PREFIX}{os.getpid()}"
+    return lambda number: [TrialProgress(status_dir / f"{prefix}-{number}.json", number, shown, spec.aggregate, tick)]
 
 
 class Monitor:

@@ -268,6 +268,7 @@ class StudySpec(Frozen):
     heartbeat: Heartbeat = Heartbeat()
     repeats: int = Field(1, ge=1)  # seeds a trial trains in lockstep: train.seed, train.seed + 1, ...
     aggregate: Aggregate = "mean"  # how the seeds' values make the trial's
+    pack: int | None = Field(None, ge=1)  # trials a worker trains as one fused model; None: the device's default
 
     @field_validator("objectives", mode="before")
     @classmethod

@@ -6,7 +6,7 @@ import contextlib
 import gc
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +40,7 @@ from harness.sweep.spec import (
     StudySpec,
 )
 from harness.sweep.storage import Sweep
-from harness.train import Group, GroupListener, RunInfo, Trainer
+from harness.train import Group, GroupListener, RunInfo, Trainer, pack_key, train_pack
 
 
 def suggest(trial: optuna.Trial, key: str, space: Space) -> Any:
@@ -137,50 +137,7 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_trial(sweep: Sweep, trial: optuna.Trial, watchers: Sequence[GroupListener], trainer: Trainer) -> None:
-    """Train one claimed trial with `trainer`, its `repeats` seeds in lockstep, and record its end in both
-    stores. Errors fail the trial and are not raised; a stop signal marks it interrupted, queues its retry, and
-    is raised; a storage that stays out of reach (StorageUnavailable) is raised."""
-    spec, client = sweep.spec, sweep.client
-    metrics = [objective.metric for objective in spec.objective_list]
-    runs = TrialRuns()
-    end, values, error = TrialEnd.COMPLETE, None, None
-    try:
-        with heartbeat(sweep.storage, sweep.study, trial.number, sweep.heartbeat.interval_s):
-            retry_of = trial.user_attrs.get(RETRY_ATTR)
-            tags = {tracking.RETRY_TAG: str(retry_of)} if retry_of is not None else {}
-            runs.trial = tracking.start_trial_run(client, spec.name, sweep.parent_run_id, trial.number, tags)
-            trial.set_user_attr(RUN_ATTR, runs.trial)
-            reporter = ObjectiveReporter(trial, metrics, spec.aggregate, report=not spec.multi_objective)
-            configs = seed_configs(trial_config(spec, trial), spec.repeats)
-            if spec.repeats == 1:  # the trial's run is its only seed's
-                group = Group(configs, [[tracking.RunLogger(client, runs.trial)]], [reporter, *watchers])
-            else:
-                for cfg in configs:
-                    runs.seeds.append(tracking.start_seed_run(client, spec.name, runs.trial, trial.number, cfg.seed))
-                loggers = [[tracking.RunLogger(client, run_id)] for run_id in runs.seeds]
-                aggregated = SeedAggregate(client, runs.trial, spec.aggregate, metrics)
-                group = Group(configs, loggers, [aggregated, reporter, *watchers])
-            (outcome,) = trainer([group])
-            if outcome.error is not None:
-                raise outcome.error
-            if spec.repeats > 1:
-                trial.set_user_attr(
-                    SEEDS_ATTR, {"seeds": [cfg.seed for cfg in configs], "values": reporter.seed_values()}
-                )
-            values = reporter.values()
-    except optuna.TrialPruned:
-        end = TrialEnd.PRUNED
-    except KeyboardInterrupt as err:
-        interrupt_trial(sweep, trial, runs, signals.reason(err))
-        raise
-    except StorageUnavailable:  # nothing can be recorded: the trial is recovered as lost once it is back
-        raise
-    except Exception as err:  # any error fails this trial only (out of memory too): the sweep goes on
-        end, error = TrialEnd.FAIL, f"{type(err).__name__}: {err}"
-    with signals.deferred():
-        end_trial(sweep, trial, runs, end, values, error)
-    free_memory()
+Watchers = Callable[[int], Sequence[GroupListener]]  # a trial's display listeners, by trial number
 
 
 @dataclass
@@ -189,6 +146,143 @@ class TrialRuns:
 
     trial: str | None = None
     seeds: list[str] = field(default_factory=list)
+
+
+def run_trials(sweep: Sweep, trials: Sequence[optuna.Trial], watchers: Watchers, trainer: Trainer = train_pack) -> None:
+    """Train claimed trials, those of one architecture (`pack_key`) as one pack, in the order claimed, each
+    with its `repeats` seeds as members; record each trial's end in both stores. Errors fail their trial and
+    are not raised; a stop signal marks every trial not yet ended interrupted, queues their retries, and is
+    raised; a storage that stays out of reach (StorageUnavailable) is raised."""
+    pending = [PackedTrial(trial) for trial in trials]
+    try:
+        with contextlib.ExitStack() as beating:  # every claimed trial stays alive until it ends
+            for trial in trials:
+                beating.enter_context(heartbeat(sweep.storage, sweep.study, trial.number, sweep.heartbeat.interval_s))
+            for pack in packs_of(sweep, pending):
+                run_pack(sweep, pack, watchers, trainer)
+    except KeyboardInterrupt as err:
+        for packed in pending:
+            if not packed.ended:
+                interrupt_trial(sweep, packed.trial, packed.runs, signals.reason(err))
+        raise
+    finally:
+        free_memory()
+
+
+@dataclass
+class PackedTrial:
+    """A claimed trial on its way through a pack: its seeds' configs, its runs, the reporter that judges it,
+    and whether its end is recorded."""
+
+    trial: optuna.Trial
+    configs: list[TrainConfig] = field(default_factory=list)
+    runs: TrialRuns = field(default_factory=TrialRuns)
+    reporter: ObjectiveReporter | None = None
+    ended: bool = False
+
+
+def packs_of(sweep: Sweep, pending: Sequence[PackedTrial]) -> list[list[PackedTrial]]:
+    """The claimed trials grouped by architecture, in the order claimed; a trial whose config cannot be built
+    fails here."""
+    packs: dict[str, list[PackedTrial]] = {}
+    for packed in pending:
+        try:
+            packed.configs = seed_configs(trial_config(sweep.spec, packed.trial), sweep.spec.repeats)
+        except StorageUnavailable:
+            raise
+        except Exception as err:
+            finish(sweep, packed, TrialEnd.FAIL, error=f"{type(err).__name__}: {err}")
+            continue
+        packs.setdefault(pack_key(packed.configs[0]), []).append(packed)
+    return list(packs.values())
+
+
+def run_pack(sweep: Sweep, pack: list[PackedTrial], watchers: Watchers, trainer: Trainer) -> None:
+    """Train trials of one architecture as one pack; each one's end is recorded when it stops (pruned,
+    diverged, failed) or when the pack ends."""
+    groups, members = [], []
+    for packed in pack:
+        try:
+            groups.append(trial_group(sweep, packed, len(pack), watchers(packed.trial.number)))
+            members.append(packed)
+        except StorageUnavailable:
+            raise
+        except Exception as err:
+            finish(sweep, packed, TrialEnd.FAIL, error=f"{type(err).__name__}: {err}")
+    if not groups:
+        return
+    try:
+        outcomes = trainer(groups)
+    except (KeyboardInterrupt, StorageUnavailable):
+        raise
+    except Exception as err:  # the pack as a whole failed (out of memory, unreadable data): each of its trials
+        for packed in members:
+            finish(sweep, packed, TrialEnd.FAIL, error=f"{type(err).__name__}: {err}")
+        return
+    for packed, outcome in zip(members, outcomes, strict=True):
+        if not packed.ended:
+            finish_outcome(sweep, packed, outcome.error)
+
+
+def trial_group(sweep: Sweep, packed: PackedTrial, pack_size: int, watchers: Sequence[GroupListener]) -> Group:
+    """Start the trial's MLflow runs (one per seed under the trial's, with repeats) and make the pack group
+    of its seeds: each seed logs to its run, the trial's run and the pruner see their aggregate."""
+    spec, client, trial, runs = sweep.spec, sweep.client, packed.trial, packed.runs
+    metrics = [objective.metric for objective in spec.objective_list]
+    retry_of = trial.user_attrs.get(RETRY_ATTR)
+    tags = {tracking.PACK_TAG: str(pack_size), **({tracking.RETRY_TAG: str(retry_of)} if retry_of is not None else {})}
+    runs.trial = tracking.start_trial_run(client, spec.name, sweep.parent_run_id, trial.number, tags)
+    trial.set_user_attr(RUN_ATTR, runs.trial)
+    packed.reporter = ObjectiveReporter(trial, metrics, spec.aggregate, report=not spec.multi_objective)
+    judged = [packed.reporter, *watchers, EndsWhenStopped(sweep, packed)]
+    if spec.repeats == 1:  # the trial's run is its only seed's
+        return Group(packed.configs, [[tracking.RunLogger(client, runs.trial)]], judged)
+    for cfg in packed.configs:
+        runs.seeds.append(tracking.start_seed_run(client, spec.name, runs.trial, trial.number, cfg.seed))
+    loggers = [[tracking.RunLogger(client, run_id)] for run_id in runs.seeds]
+    aggregated = SeedAggregate(client, runs.trial, spec.aggregate, metrics)
+    return Group(packed.configs, loggers, [aggregated, *judged])
+
+
+class EndsWhenStopped(GroupListener):
+    """Records a trial's end as soon as its group stops in the pack (pruned, diverged, failed), not when the
+    whole pack ends; what cannot be recorded now is recorded again when the pack ends."""
+
+    def __init__(self, sweep: Sweep, packed: PackedTrial) -> None:
+        self.sweep, self.packed = sweep, packed
+
+    def on_stop(self, error: Exception) -> None:
+        with contextlib.suppress(Exception):
+            finish_outcome(self.sweep, self.packed, error)
+
+
+def finish_outcome(sweep: Sweep, packed: PackedTrial, error: Exception | None) -> None:
+    """Record how the trial's group ended in the pack: pruned, failed, or complete with its seeds' values."""
+    if isinstance(error, optuna.TrialPruned):
+        finish(sweep, packed, TrialEnd.PRUNED)
+        return
+    if error is not None:
+        finish(sweep, packed, TrialEnd.FAIL, error=f"{type(error).__name__}: {error}")
+        return
+    assert packed.reporter is not None, "a trained trial has its reporter"
+    try:
+        values = packed.reporter.values()
+    except ValueError as err:  # an objective never logged, or not finite
+        finish(sweep, packed, TrialEnd.FAIL, error=f"{type(err).__name__}: {err}")
+        return
+    if sweep.spec.repeats > 1:
+        seeds = [cfg.seed for cfg in packed.configs]
+        packed.trial.set_user_attr(SEEDS_ATTR, {"seeds": seeds, "values": packed.reporter.seed_values()})
+    finish(sweep, packed, TrialEnd.COMPLETE, values)
+
+
+def finish(
+    sweep: Sweep, packed: PackedTrial, end: TrialEnd, values: list[float] | None = None, error: str | None = None
+) -> None:
+    """Record the trial's end in both stores, once."""
+    with signals.deferred():
+        end_trial(sweep, packed.trial, packed.runs, end, values, error)
+        packed.ended = True
 
 
 def interrupt_trial(sweep: Sweep, trial: optuna.Trial, runs: TrialRuns, reason: str) -> None:
@@ -207,14 +301,15 @@ def end_trial(
     values: list[float] | None = None,
     error: str | None = None,
 ) -> None:
-    """Tell Optuna how the trial ended, then close its runs the same way. A
-    trial failed meanwhile as lost (its heartbeat went stale) keeps that end: its retry runs it again."""
-    running = sweep.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    if any(t.number == trial.number for t in running):
+    """Tell Optuna how the trial ended, then close its runs the same way. A trial failed meanwhile as lost
+    (its heartbeat went stale) keeps that end: its retry runs it again. One whose end Optuna already holds
+    (an earlier attempt got that far) only has its runs closed."""
+    trials = sweep.study.get_trials(deepcopy=False)
+    if any(t.number == trial.number and t.state == TrialState.RUNNING for t in trials):
         if error:
             trial.set_user_attr(ERROR_ATTR, error[:5000])
         sweep.study.tell(trial, values, state=end.optuna_state)
-    else:
+    elif any(t.user_attrs.get(RETRY_ATTR) == trial.number for t in trials):
         end, error = TrialEnd.LOST, "failed as lost meanwhile (its heartbeat went stale); retried"
     for run_id in [*runs.seeds, *([runs.trial] if runs.trial else [])]:
         close_trial_run(sweep.client, run_id, end, error)

@@ -12,11 +12,13 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import optuna
 import torch
 from optuna.trial import TrialState
 
 from harness import signals, tracking
 from harness.data import DataFallbackWarning
+from harness.pack import default_pack, resolve_device
 from harness.sweep.bookkeeping import (
     PARENT_ATTR,
     WORKER_ATTR,
@@ -36,8 +38,8 @@ from harness.sweep.storage import (
     open_study,
     quiet_optuna,
 )
-from harness.sweep.trial import TrialRuns, interrupt_trial, run_trial
-from harness.train import GroupListener, Trainer, train_pack
+from harness.sweep.trial import TrialRuns, Watchers, interrupt_trial, run_trials
+from harness.train import Trainer, train_pack
 
 IDLE_POLL_S = 2.0  # a worker with nothing to start waits for running trials this long between looks
 RECOVER_EVERY_S = 10.0
@@ -47,29 +49,32 @@ WORKER_STOP_TIMEOUT_S = 60
 def work_loop(
     sweep: Sweep,
     deadline: float | None,
-    watchers: Callable[[int], Sequence[GroupListener]],
+    watchers: Watchers,
     between: Callable[[], None],
     trainer: Trainer = train_pack,
 ) -> None:
-    """Run trials with `trainer` until the study's places are all taken and none is running, or the deadline
-    passes (a running trial always finishes). `between` runs before each trial and while waiting."""
+    """Run trials, up to the study's pack at a time, until the study's places are all taken and none is
+    running, or the deadline passes (running trials always finish). `between` runs before each pack and
+    while waiting."""
+    pack = sweep.spec.pack or default_pack(resolve_device(sweep.spec.train.device))
     while deadline is None or time.monotonic() < deadline:
         between()
-        trial = None
+        claimed: list[optuna.Trial] = []
         try:
             # under the lock: no two workers claim the last place; deferred: an asked trial that names no worker
             # would look alive for the grace period
             with signals.deferred(), sweep.lock():
-                trial = next_trial(sweep.study, sweep.spec.trials)
-                if trial is not None:
+                while len(claimed) < pack and (trial := next_trial(sweep.study, sweep.spec.trials)) is not None:
                     trial.set_user_attr(WORKER_ATTR, worker_identity())
+                    claimed.append(trial)
+                if claimed:
                     tracking.reopen_run(sweep.client, sweep.parent_run_id)  # another worker may have closed it
         except KeyboardInterrupt as err:
-            if trial is not None:
+            for trial in claimed:
                 interrupt_trial(sweep, trial, TrialRuns(), signals.reason(err))
             raise
-        if trial is not None:
-            run_trial(sweep, trial, watchers(trial.number), trainer)
+        if claimed:
+            run_trials(sweep, claimed, watchers, trainer)
             continue
         if not sweep.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             return
