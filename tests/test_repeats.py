@@ -26,18 +26,13 @@ from tests.test_train import Recorder, without_timing
 JSON = ("--format", "json")
 
 
-# Evaluation metrics that a few ulps in the weights cannot move far: rates (abs 0.02) and counts (abs 1). The
-# continuous codes' Spearman ρ are left out: after a few steps the codes do nothing yet, so ρ ranks ties of
-# the measured properties and turns on the last bit of a pixel.
-RATES = ("eval/cat_acc", "eval/cat_acc_majority", "eval/gen_purity")
-COUNTS = ("eval/digits_covered", "eval/gen_digits_covered")
-
-
 def assert_close_run(a: Recorder, b: Recorder) -> None:
     """`b` logged what `a` did, as closely as summation order allows (tests/test_pack.py says how close, and
     why): the same steps and names; the losses within FOLLOW_RTOL; the step-0 evaluation exactly (the same
-    initial weights); later evaluations' rates and counts, and the Fréchet distance within 5 %; traversal grids
-    within a few grey levels."""
+    initial weights); later, the Fréchet distance within 5 % and the traversal grids within a few grey levels:
+    what moves smoothly with the weights. Rates and counts do not: after a few steps the codes sort nothing
+    yet, and a rounding difference flips the argmax of near-ties among the held-out digits (seen: a rate more
+    than 0.02 apart); the continuous codes' ρ rank ties of measured properties."""
     assert [step for step, _ in a.logs] == [step for step, _ in b.logs]
     for (_, logged), (_, packed) in zip(a.logs, b.logs, strict=True):
         x, y = without_timing(logged), without_timing(packed)
@@ -45,8 +40,6 @@ def assert_close_run(a: Recorder, b: Recorder) -> None:
     assert [e.step for e in a.evals] == [e.step for e in b.evals] and a.evals[0].metrics == b.evals[0].metrics
     for x, y in zip(a.evals, b.evals, strict=True):
         assert x.metrics.keys() == y.metrics.keys() and x.images.keys() == y.images.keys()
-        assert all(abs(x.metrics[k] - y.metrics[k]) <= 0.02 for k in RATES)
-        assert all(abs(x.metrics[k] - y.metrics[k]) <= 1 for k in COUNTS)
         assert y.metrics["eval/fld"] == pytest.approx(x.metrics["eval/fld"], rel=0.05)
         for name, grid in x.images.items():
             difference = np.abs(grid.astype(int) - y.images[name].astype(int))
