@@ -12,7 +12,8 @@
 #   benchmarks/gpu_check.sh --fetch-wheels    # here (with pip): .whl/ holds what the GPU machine lacks
 # OUT_DIR defaults to $OUT (the device machine's result folder), else gpu-check-results/ in the repo. It gets
 # results.jsonl (one line per piece: {"check", "rc", "seconds", "result"}) and log.txt (every piece's stderr).
-# --quick: a few steps of everything at small batches, to check the plumbing (on a CPU: --device cpu --quick).
+# --quick: a few steps of everything at small batches, to check the plumbing (on a CPU: --device cpu --quick;
+# there the budget is 30 minutes and each timeout 5 times longer, as Python starts slowly on a shared CPU).
 #
 # The GPU image has torch, numpy, scipy, scikit-image, torchvision, pyyaml, click and rich, not pydantic: run
 # --fetch-wheels here first, then carry .whl (ignored by git). With the device tool:
@@ -46,10 +47,10 @@ fetch_wheels() {
 while (($#)); do
   case $1 in
     --device) DEVICE=$2; shift 2 ;;
-    --quick) QUICK=1; shift ;;
-    --budget) BUDGET=$2; shift 2 ;;
+    --quick) QUICK=1; BUDGET=${BUDGET_SET:-1800}; shift ;;
+    --budget) BUDGET=$2; BUDGET_SET=$2; shift 2 ;;
     --fetch-wheels) fetch_wheels; exit 0 ;;
-    -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
     -*) echo "unknown option $1" >&2; exit 2 ;;
     *) OUT_DIR=$1; shift ;;
   esac
@@ -62,7 +63,7 @@ LOG="$OUT_DIR/log.txt"
 : >"$LOG"
 log() { echo "[$(date +%T)] $*"; }
 
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
+if ! "$PY" -c "import pydantic" 2>/dev/null && compgen -G "$WHEELS/*.whl" >/dev/null; then
   SITE=/tmp/gpu-check-site
   log "installing $(ls "$WHEELS" | wc -l) carried wheels into $SITE"
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
@@ -74,13 +75,15 @@ if ! "$PY" -c "import torch, pydantic, yaml, scipy, skimage, torchvision, click,
   exit 1
 fi
 
+CAP_SCALE=1 # each piece's timeout, times this: --quick on a shared CPU starts Python slowly
+if ((QUICK)) && [[ $DEVICE == cpu ]]; then CAP_SCALE=5; fi
 DEADLINE=$((SECONDS + BUDGET))
 FAILED=()
 
 # piece NAME CAP_SECONDS COMMAND...: run under timeout (CAP, or what is left of the budget), append its last
 # stdout line (a JSON object) to results.jsonl, its stderr to log.txt.
 piece() {
-  local name=$1 cap=$2 left rc=0 started line
+  local name=$1 cap=$(($2 * CAP_SCALE)) left rc=0 started line
   shift 2
   left=$((DEADLINE - SECONDS))
   ((cap < left)) || cap=$left
@@ -90,7 +93,7 @@ piece() {
     FAILED+=("$name:skipped")
     return 0
   fi
-  log "$name (timeout ${cap}s): $*"
+  log "$name (timeout ${cap}s): ${*:2:12}"
   echo "=== $name: $*" >>"$LOG"
   started=$SECONDS
   timeout --kill-after=10 "$cap" "$@" >"$OUT_DIR/.stdout" 2>>"$LOG" || rc=$?
@@ -101,11 +104,9 @@ piece() {
   if ((rc == 0)); then log "  $line"; else log "  FAILED rc=$rc (124: timed out)"; FAILED+=("$name:$rc"); fi
 }
 
-piece env 60 "$PY" -c '
-import json, torch
-cuda = torch.cuda.is_available()
-print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name() if cuda else None,
-                  "threads": torch.get_num_threads()}))'
+ENV_PY='import json, torch; c = torch.cuda.is_available(); print(json.dumps({"torch": torch.__version__,
+  "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name() if c else None, "threads": torch.get_num_threads()}))'
+piece env 60 "$PY" -c "$ENV_PY"
 
 if ((QUICK)); then
   BATCH=32 BENCH_STEPS=5 PACKS=(1 2) GRAPH_PACK=2 NO_GRAPH_PACK=2
