@@ -15,10 +15,12 @@ WARMUP_STEPS = 5  # on CUDA these include the eager steps before the graph is ca
 CHUNK = 5  # steps timed together, between device synchronisations
 IMAGES = 4096  # stand-in training images: their content does not change the cost
 PAPER_TRIAL_IMAGES = 5000 * 128  # the official MNIST run: 5,000 steps at batch 128
-# Members packed by default: on this project's 2-core CPU, a pack of 2 trains as fast per image as a
-# pack of one (benchmarks/README.md), so 2 halves the evaluations' share of nothing but keeps trials in
-# lockstep; on a GPU a pack is what fills the chip.
-DEFAULT_PACK = {"cpu": 1, "cuda": 16, "mps": 4}
+# Members packed by default. A pack must not lose throughput against one trial at a time. On this project's
+# 2-core CPU, packs of 2 and 4 trained 1.3-2x the images/s of as many trials stepped one at a time, in every
+# interleaved round (benchmarks/README.md, "Trial packs"), and 4 was not clearly faster than 2 at batch 128;
+# a member advances P times slower in wall time (later evaluations for the pruner), so 2. On a GPU a small
+# step is launch-bound (~650 kernels a step at any P): 16 members fill it (estimate; gpu_check.sh measures).
+DEFAULT_PACK = {"cpu": 2, "cuda": 16, "mps": 4}
 
 
 def synchronize(device: torch.device) -> None:
