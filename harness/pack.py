@@ -29,9 +29,10 @@ from harness.latent import Latent, LatentSpec
 from harness.model import InfoGAN
 from harness.packed_model import PackedInfoGAN, member_state
 
-# Trials a worker packs when the study does not say: on the 2-core CPU this project is measured on, a pack
-# of 2 is no faster per image than two trials in turn (benchmarks/README.md, "Trial packs"); on a GPU a
-# pack is what fills the chip.
+# Trials a worker packs when the study does not say. A pack must not lose throughput against one trial at a
+# time: on the 2-core CPU this project is measured on, 2 ties and 4 loses 13 % (benchmarks/README.md, "Trial
+# packs"). On a GPU one trial's ~650 kernels a step leave the chip idle: 16 members fill it (an estimate
+# until benchmarks/gpu_check.sh runs on one).
 DEFAULT_PACK = {"cpu": 1, "cuda": 16, "mps": 4}
 WARMUP_STEPS = 3  # eager steps (on a side stream) before the step is captured as a CUDA graph
 

@@ -12,9 +12,22 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from harness.model import LEAK
+
+
+class ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward makes the gradient contiguous."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
 
 
 class PackedLinear(nn.Module):
@@ -27,9 +40,13 @@ class PackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(members * out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.members == 1:  # nn.Linear's own kernel and layouts: no permuted views, as fast as unpacked
+            return F.linear(x, self.weight, self.bias)
         batch, members = x.shape[0], self.members
         # y^T = W x^T per member, so that W's gradient comes out in W's layout (P, out, in), not transposed.
-        x_t = x.view(batch, members, self.in_features).permute(1, 2, 0)  # (P, in, B), a view
+        # x's gradient comes out (P, in, B), a transposed view of (B, P·in): made contiguous once here, so that
+        # the layers below (BatchNorm's and the activations' backward) run on contiguous gradients.
+        x_t = ContiguousGrad.apply(x).view(batch, members, self.in_features).permute(1, 2, 0)  # (P, in, B)
         weight = self.weight.view(members, self.out_features, self.in_features)  # (P, out, in)
         if self.bias is None:
             y_t = torch.bmm(weight, x_t)  # (P, out, B)
