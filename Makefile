@@ -17,7 +17,7 @@ sweep: install
 	$(BIN)/harness sweep studies/lambda.yaml
 
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow"
