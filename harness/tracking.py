@@ -76,6 +76,7 @@ def client_for(uri: str | None) -> MlflowClient:
     if problem is not None:
         raise ConfigError(display_url(uri), "", problem)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a server's run links: ours say where
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per downloaded traversal
     if not is_server(uri) and not uri.startswith("sqlite"):
         for name, value in DATABASE_STORE_POOL_ENV.items():
             os.environ.setdefault(name, value)
