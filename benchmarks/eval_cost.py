@@ -23,8 +23,10 @@ from pathlib import Path
 import torch
 
 from harness.data import load_dataset
+from harness.device import resolve_device
 from harness.evaluate import Evaluator, HeldOut
-from harness.pack import PackTrainer, initial_model, resolve_device
+from harness.pack import PackTrainer
+from harness.seeding import initial_model
 from harness.sweep.spec import load_study_spec
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"

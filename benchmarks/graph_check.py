@@ -23,7 +23,9 @@ import torch
 
 from harness.bench import IMAGES, synchronize
 from harness.config import TrainConfig
-from harness.pack import WARMUP_STEPS, PackTrainer, initial_model, resolve_device
+from harness.device import resolve_device
+from harness.pack import WARMUP_STEPS, PackTrainer
+from harness.seeding import initial_model
 
 TINY = 1e-6  # relative differences are taken against at least this
 ALLOWED = 1e-2  # a graph step within this of eager (or within 10x the eager floor) passes

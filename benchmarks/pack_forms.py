@@ -28,8 +28,10 @@ from torch.func import functional_call, stack_module_state, vmap
 from harness.batched_adam import BatchedAdam
 from harness.bench import IMAGES, matmul_gflop_per_s, synchronize
 from harness.config import TrainConfig
+from harness.device import resolve_device
 from harness.model import InfoGAN
-from harness.pack import PackTrainer, binary_cross_entropy, initial_model, resolve_device
+from harness.pack import PackTrainer, binary_cross_entropy
+from harness.seeding import initial_model
 
 Tensors = dict[str, torch.Tensor]
 

@@ -9,7 +9,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from harness.config import TrainConfig
-from harness.pack import PackTrainer, default_pack, initial_model, resolve_device
+from harness.device import default_pack, resolve_device
+from harness.pack import PackTrainer
+from harness.seeding import initial_model
 
 WARMUP_STEPS = 5  # on CUDA these include the eager steps before the graph is captured
 CHUNK = 5  # steps timed together, between device synchronisations

@@ -14,11 +14,9 @@ buffers and launches the graph.
 from __future__ import annotations
 
 import math
-import random
 import warnings
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,45 +27,11 @@ from harness.latent import Latent, LatentSpec
 from harness.model import InfoGAN
 from harness.packed_model import PackedInfoGAN, member_state
 
-# Trials a worker packs when the study does not say. A pack must not lose throughput against one trial at a
-# time: on the 2-core CPU this project is measured on, 2 ties and 4 loses 13 % (benchmarks/README.md, "Trial
-# packs"). On a GPU one trial's ~650 kernels a step leave the chip idle: 16 members fill it (an estimate
-# until benchmarks/gpu_check.sh runs on one).
-DEFAULT_PACK = {"cpu": 1, "cuda": 16, "mps": 4}
 WARMUP_STEPS = 3  # eager steps (on a side stream) before the step is captured as a CUDA graph
 
 
 class DivergenceError(RuntimeError):
     """A loss became NaN or infinite: the trial diverged."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def default_pack(device: torch.device) -> int:
-    """How many trials a sweep's worker trains as one pack on `device` when its study does not say."""
-    return DEFAULT_PACK.get(device.type, 1)
-
-
-def seed_everything(seed: int) -> None:
-    """Python, NumPy and torch's default generators (CPU and every GPU)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def initial_model(cfg: TrainConfig, device: torch.device) -> InfoGAN:
-    """The InfoGAN `cfg` starts from: its weights come from `cfg.seed` alone."""
-    seed_everything(cfg.seed)
-    spec = LatentSpec.from_config(cfg.codes)
-    return InfoGAN(spec.dim, spec.q_dim).to(device)
 
 
 class PackTrainer:

@@ -13,9 +13,11 @@ import torch
 
 from harness.config import TrainConfig, flatten
 from harness.data import load_dataset
+from harness.device import resolve_device
 from harness.evaluate import Evaluation, Evaluator, HeldOut, held_out_for
 from harness.latent import LatentSpec
-from harness.pack import PackTrainer, initial_model, resolve_device
+from harness.pack import PackTrainer
+from harness.seeding import initial_model
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from harness.config import TrainConfig
 from harness.latent import Latent, LatentSpec
 from harness.model import InfoGAN
-from harness.pack import seed_everything
+from harness.seeding import seed_everything
 
 
 class ReferenceTrainer:

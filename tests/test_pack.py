@@ -28,8 +28,9 @@ from harness.batched_adam import BatchedAdam
 from harness.config import TrainConfig
 from harness.data import bundled_mnist_folder, read_split_folder
 from harness.model import InfoGAN
-from harness.pack import DivergenceError, PackTrainer, initial_model
+from harness.pack import DivergenceError, PackTrainer
 from harness.packed_model import PackedInfoGAN, member_state, pack_states
+from harness.seeding import initial_model
 from tests.conftest import tiny_config
 from tests.reference import ReferenceTrainer
 

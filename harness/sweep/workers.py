@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from harness import signals, tracking
 from harness.data import DataFallbackWarning
-from harness.pack import default_pack, resolve_device
+from harness.device import default_pack, resolve_device
 from harness.sweep.bookkeeping import (
     PARENT_ATTR,
     WORKER_ATTR,
