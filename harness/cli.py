@@ -101,11 +101,11 @@ def train_command(
     quiet: bool,
 ) -> None:
     """Train one InfoGAN and log it to MLflow."""
-    from harness import tracking
+    from harness import run_logging, tracking
 
     cfg = load_train_config(config, overrides)
     client = tracking.client_for(tracking_uri)
-    with tracking.tracked_run(client, experiment, run_name) as run, progress_display(quiet) as progress:
+    with run_logging.tracked_run(client, experiment, run_name) as run, progress_display(quiet) as progress:
         result = train(cfg, [run, ProgressBar(progress)])
         run.log_weights(result.weights)
     summary = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith("eval/")}

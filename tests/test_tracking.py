@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from harness import tracking
+from harness import run_logging, tracking
 from harness.cli import main
 from tests.conftest import TINY, same_on_every_machine
 
@@ -65,7 +65,7 @@ def test_train_command_logs_params_tags_metrics_and_artifacts(tracking_uri: str,
 @pytest.mark.parametrize(("error", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
 def test_a_run_that_raises_ends_failed_or_killed(tracking_uri: str, error: BaseException, status: str) -> None:
     client = MlflowClient(tracking_uri)
-    with pytest.raises(type(error)), tracking.tracked_run(client, "t", "broken"):
+    with pytest.raises(type(error)), run_logging.tracked_run(client, "t", "broken"):
         raise error
     run = only_run(client, "t")
     assert run.info.status == status

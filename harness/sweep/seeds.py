@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from harness import tracking
+from harness import run_logging, tracking
 from harness.config import TrainConfig
 from harness.evaluate import Evaluation
 from harness.sweep.spec import Aggregate
@@ -55,7 +55,7 @@ class SeedAggregate(GroupListener):
         self.client, self.run_id, self.how, self.objectives = client, run_id, how, tuple(objectives)
 
     def on_start(self, info: RunInfo, configs: Sequence[TrainConfig]) -> None:
-        tracking.log_run_start(self.client, self.run_id, info, configs[0])
+        run_logging.log_run_start(self.client, self.run_id, info, configs[0])
         seeds = " ".join(str(cfg.seed) for cfg in configs)
         tracking.log_params(self.client, self.run_id, {"repeats": len(configs), "aggregate": self.how, "seeds": seeds})
 

@@ -18,7 +18,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
-from harness import signals, tracking
+from harness import run_logging, signals, tracking
 from harness.config import TrainConfig, build_train_config, set_train_key
 from harness.evaluate import Evaluation
 from harness.sweep.bookkeeping import (
@@ -236,10 +236,10 @@ def trial_group(sweep: Sweep, packed: PackedTrial, pack_size: int, watchers: Seq
     packed.reporter = ObjectiveReporter(trial, metrics, spec.aggregate, report=not spec.multi_objective)
     judged = [packed.reporter, *watchers, EndsWhenStopped(sweep, packed)]
     if spec.repeats == 1:  # the trial's run is its only seed's
-        return Group(packed.configs, [[tracking.RunLogger(client, runs.trial)]], judged)
+        return Group(packed.configs, [[run_logging.RunLogger(client, runs.trial)]], judged)
     for cfg in packed.configs:
         runs.seeds.append(tracking.start_seed_run(client, spec.name, runs.trial, trial.number, cfg.seed))
-    loggers = [[tracking.RunLogger(client, run_id)] for run_id in runs.seeds]
+    loggers = [[run_logging.RunLogger(client, run_id)] for run_id in runs.seeds]
     aggregated = SeedAggregate(client, runs.trial, spec.aggregate, metrics)
     return Group(packed.configs, loggers, [aggregated, *judged])
 
