@@ -21,8 +21,8 @@ from optuna.trial import TrialState, create_trial
 from harness import tracking
 from harness.cli import main
 from harness.metric_names import EVAL_METRICS, LOG_METRICS
-from harness.sweep.bookkeeping import TrialEnd, close_trial_run
 from harness.sweep.plots import PLOTS
+from harness.sweep.runs import TrialEnd, close_trial_run
 from tests.smoke_sweep import SweepStore, smoke_sweep
 
 SEARCH = {"loss.lambda_cat": FloatDistribution(0.1, 2.0, log=True), "optim.lr_g": FloatDistribution(1e-4, 1e-3)}

@@ -21,11 +21,10 @@ from harness.sweep.bookkeeping import (
     ERROR_ATTR,
     RETRY_ATTR,
     WORKER_ATTR,
-    TrialEnd,
-    close_trial_run,
     enqueue_retry,
     lost_reason,
 )
+from harness.sweep.runs import TrialEnd, close_trial_run
 from harness.sweep.storage import Sweep
 
 

@@ -26,11 +26,10 @@ from harness.sweep.bookkeeping import (
     RETRY_ATTR,
     RUN_ATTR,
     SEEDS_ATTR,
-    TrialEnd,
-    close_trial_run,
     enqueue_retry,
 )
 from harness.sweep.outage import StorageUnavailable
+from harness.sweep.runs import TrialEnd, close_trial_run
 from harness.sweep.seeds import SeedAggregate, aggregate, seed_configs
 from harness.sweep.spec import (
     Aggregate,
