@@ -24,7 +24,7 @@ from harness.sweep.bookkeeping import RUN_ATTR, SEEDS_ATTR, reported_trials, tri
 from harness.sweep.plots import PLOTS_ARTIFACT_PATH
 from harness.sweep.seeds import SPREAD
 from harness.sweep.spec import load_study_spec
-from harness.sweep.storage import load_existing_study
+from harness.sweep.study import load_existing_study
 from harness.text import format_value
 
 Format = Literal["csv", "markdown", "json"]

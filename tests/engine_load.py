@@ -36,7 +36,8 @@ from harness.evaluate import Evaluation
 from harness.sweep.coordinator import open_sweep, wind_up
 from harness.sweep.recovery import recover
 from harness.sweep.spec import StudySpec, load_study_spec
-from harness.sweep.storage import SERVER_ENGINE_KWARGS, Sweep, quiet_optuna
+from harness.sweep.storage import SERVER_ENGINE_KWARGS, quiet_optuna
+from harness.sweep.study import Sweep
 from harness.sweep.workers import RECOVER_EVERY_S, run_worker
 from harness.train import Group, GroupOutcome, RunInfo, TrainResult
 

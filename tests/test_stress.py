@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 
 from harness import tracking
 from harness.sweep import bookkeeping
-from harness.sweep import storage as sweep_storage
+from harness.sweep import study as sweep_study
 from tests.engine_load import OBJECTIVE, STUDY, run_load, stub_value
 from tests.postgres import Postgres
 
@@ -33,7 +33,7 @@ def test_eight_workers_run_200_stub_trials_on_postgresql_each_once(
     print(f"{TRIALS} stub trials, {WORKERS} workers: {result.wall_s} s wall, {result.trials_per_s} trials/s")
     assert result.exit_codes == [0] * WORKERS
 
-    study = sweep_storage.load_existing_study(optuna_url, STUDY, "--storage", "--name")
+    study = sweep_study.load_existing_study(optuna_url, STUDY, "--storage", "--name")
     trials = study.get_trials()
     assert sorted(t.number for t in trials) == list(range(TRIALS)), "a trial lost, or one too many"
     assert all(t.state == TrialState.COMPLETE for t in trials), {t.number: t.state for t in trials}

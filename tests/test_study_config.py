@@ -251,19 +251,20 @@ def test_a_changed_study_is_refused_before_it_mixes_with_the_stored_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from harness.sweep import storage as sweep_storage
+    from harness.sweep import study as sweep_study
 
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "study.yaml"
     path.write_text(VALID, encoding="utf-8")
     spec = load_study_spec(path)
     sweep_storage.quiet_optuna()
-    sweep_storage.open_study(spec, sweep_storage.open_storage(spec.storage_url), str(path), create=True)
+    sweep_study.open_study(spec, sweep_storage.open_storage(spec.storage_url), str(path), create=True)
     path.write_text(VALID.replace("high: 4.0", "high: 8.0"), encoding="utf-8")
     changed = load_study_spec(path)
     with pytest.raises(ConfigError, match="search: differs from the study 'lambda'"):
-        sweep_storage.open_study(changed, sweep_storage.open_storage(spec.storage_url), str(path), create=True)
+        sweep_study.open_study(changed, sweep_storage.open_storage(spec.storage_url), str(path), create=True)
     path.write_text(VALID, encoding="utf-8")  # where it runs may change: another device resumes it
-    resumed = sweep_storage.open_study(
+    resumed = sweep_study.open_study(
         load_study_spec(path, device="cpu"), sweep_storage.open_storage(spec.storage_url), str(path), create=False
     )
     assert resumed.study_name == "lambda"

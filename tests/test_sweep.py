@@ -26,7 +26,8 @@ from harness.config import TrainConfig
 from harness.evaluate import Evaluation
 from harness.sweep import bookkeeping, recovery
 from harness.sweep import storage as sweep_storage
-from harness.sweep.spec import load_study_spec
+from harness.sweep import study as sweep_study
+from harness.sweep.spec import Heartbeat, load_study_spec
 from harness.sweep.trial import ObjectiveReporter
 from harness.train import RunInfo
 
@@ -286,23 +287,21 @@ def test_two_workers_share_one_storage(tmp_path: Path, optuna_storage: str, trac
     assert_nothing_running(trials, children, parent)
 
 
-def open_sweep(
-    tmp_path: Path, storage: str, tracking_uri: str, heartbeat: sweep_storage.Heartbeat
-) -> sweep_storage.Sweep:
+def open_sweep(tmp_path: Path, storage: str, tracking_uri: str, heartbeat: Heartbeat) -> sweep_study.Sweep:
     """A study and its parent run as `harness sweep` opens them, for the bookkeeping tests below."""
     spec = load_study_spec(write_study(tmp_path, "book", 2, LAMBDA_SEARCH), storage=storage, tracking_uri=tracking_uri)
     optuna_storage = sweep_storage.open_storage(storage, heartbeat)
-    study = sweep_storage.open_study(spec, optuna_storage, "book.yaml", create=True)
+    study = sweep_study.open_study(spec, optuna_storage, "book.yaml", create=True)
     client = tracking.client_for(tracking_uri)
     parent = tracking.open_study_run(client, spec.name, None, {}, {})
-    return sweep_storage.Sweep(spec, study, optuna_storage, client, parent, heartbeat)
+    return sweep_study.Sweep(spec, study, optuna_storage, client, parent, heartbeat)
 
 
 def test_recovery_fails_and_retries_trials_of_dead_or_silent_workers(
     tmp_path: Path, optuna_storage: str, tracking_uri: str
 ) -> None:
     sweep_storage.quiet_optuna()
-    sweep = open_sweep(tmp_path, optuna_storage, tracking_uri, sweep_storage.Heartbeat(interval_s=1, grace_s=2))
+    sweep = open_sweep(tmp_path, optuna_storage, tracking_uri, Heartbeat(interval_s=1, grace_s=2))
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True, text=True
     )
@@ -342,7 +341,7 @@ def test_counting_skips_lost_trials_and_refuses_a_surplus_trial(
     tmp_path: Path, optuna_storage: str, tracking_uri: str
 ) -> None:
     sweep_storage.quiet_optuna()
-    study = open_sweep(tmp_path, optuna_storage, tracking_uri, sweep_storage.Heartbeat()).study
+    study = open_sweep(tmp_path, optuna_storage, tracking_uri, Heartbeat()).study
     first = bookkeeping.next_trial(study, target=2)
     assert first is not None
     study.tell(first, [0.5])
@@ -369,7 +368,7 @@ def test_a_trial_below_the_median_is_pruned_at_its_evaluation(
     tmp_path: Path, optuna_storage: str, tracking_uri: str
 ) -> None:
     sweep_storage.quiet_optuna()
-    study = open_sweep(tmp_path, optuna_storage, tracking_uri, sweep_storage.Heartbeat()).study
+    study = open_sweep(tmp_path, optuna_storage, tracking_uri, Heartbeat()).study
     study.pruner = optuna.pruners.MedianPruner(n_startup_trials=1)
     images: dict[str, np.ndarray] = {}
     good = study.ask()

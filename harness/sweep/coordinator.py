@@ -27,13 +27,8 @@ from harness.sweep.recovery import recover
 from harness.sweep.spec import (
     StudySpec,
 )
-from harness.sweep.storage import (
-    Sweep,
-    make_sampler,
-    open_storage,
-    open_study,
-    quiet_optuna,
-)
+from harness.sweep.storage import open_storage, quiet_optuna
+from harness.sweep.study import Sweep, make_sampler, open_study
 from harness.sweep.summary import close_study_run, study_params, study_tags
 from harness.sweep.workers import supervise, work_loop
 from harness.text import format_value

@@ -31,7 +31,7 @@ from harness.sweep.spec import (
     Aggregate,
     StudySpec,
 )
-from harness.sweep.storage import Sweep
+from harness.sweep.study import Sweep
 from harness.text import format_value
 from harness.train import GroupListener, RunInfo
 

@@ -25,7 +25,7 @@ from harness.sweep.bookkeeping import (
     lost_reason,
 )
 from harness.sweep.runs import TrialEnd, close_trial_run
-from harness.sweep.storage import Sweep
+from harness.sweep.study import Sweep
 
 
 def worker_identity() -> dict[str, Any]:

@@ -19,7 +19,7 @@ from harness.sweep.spec import (
     Space,
     StudySpec,
 )
-from harness.sweep.storage import Sweep, make_pruner, make_sampler
+from harness.sweep.study import Sweep, make_pruner, make_sampler
 from harness.urls import display_url
 
 

@@ -38,7 +38,7 @@ from harness.sweep.spec import (
     Space,
     StudySpec,
 )
-from harness.sweep.storage import Sweep
+from harness.sweep.study import Sweep
 from harness.train import Group, GroupListener, RunInfo, Trainer, pack_key, train_pack
 
 

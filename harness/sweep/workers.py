@@ -31,13 +31,8 @@ from harness.sweep.recovery import recover, worker_identity
 from harness.sweep.spec import (
     StudySpec,
 )
-from harness.sweep.storage import (
-    Sweep,
-    make_sampler,
-    open_storage,
-    open_study,
-    quiet_optuna,
-)
+from harness.sweep.storage import open_storage, quiet_optuna
+from harness.sweep.study import Sweep, make_sampler, open_study
 from harness.sweep.trial import TrialRuns, Watchers, interrupt_trial, run_trials
 from harness.train import Trainer, train_pack
 
