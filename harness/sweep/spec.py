@@ -9,7 +9,7 @@ import copy
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from sqlalchemy.engine import make_url
@@ -31,6 +31,9 @@ from harness.config import (
 from harness.metric_names import is_logged, known_names
 from harness.urls import absolute_url, display_url, missing_driver
 
+if TYPE_CHECKING:
+    import optuna
+
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 # Where a study runs, not what it computes: may change when a study is resumed.
 PLACEMENT: dict[str, bool | set[str]] = {"device": True, "data": {"root", "download"}}  # a model_dump exclude
@@ -51,6 +54,22 @@ class FloatSpace(Frozen):
         check_bounds(self.low, self.high, self.log, self.step)
         return self
 
+    def suggest(self, trial: optuna.Trial, key: str) -> float:
+        """The trial's value for `key`."""
+        return trial.suggest_float(key, self.low, self.high, log=self.log, step=self.step)
+
+    def describe(self) -> str:
+        """`float [0.1, 4.0] log`, `float [0.0, 1.0] step 0.25`."""
+        return (
+            f"float [{self.low}, {self.high}]"
+            + (" log" if self.log else "")
+            + (f" step {self.step}" if self.step else "")
+        )
+
+    def bounds(self) -> dict[str, float]:
+        """The values at its ends, by the study-file key that sets each."""
+        return {"low": self.low, "high": self.high}
+
     def grid(self) -> tuple[float, ...] | None:
         """Every value a grid sampler visits, or None without a step."""
         if self.step is None:
@@ -70,6 +89,22 @@ class IntSpace(Frozen):
     def _bounds(self) -> IntSpace:
         check_bounds(self.low, self.high, self.log, None if self.step == 1 else self.step)
         return self
+
+    def suggest(self, trial: optuna.Trial, key: str) -> int:
+        """The trial's value for `key`."""
+        return trial.suggest_int(key, self.low, self.high, log=self.log, step=self.step)
+
+    def describe(self) -> str:
+        """`int [0, 8]`, `int [0, 8] step 2`, `int [1, 64] log`."""
+        return (
+            f"int [{self.low}, {self.high}]"
+            + (" log" if self.log else "")
+            + (f" step {self.step}" if self.step != 1 else "")
+        )
+
+    def bounds(self) -> dict[str, int]:
+        """The values at its ends, by the study-file key that sets each."""
+        return {"low": self.low, "high": self.high}
 
     def grid(self) -> tuple[int, ...]:
         return tuple(range(self.low, self.high + 1, self.step))
@@ -108,6 +143,18 @@ class CategoricalSpace(Frozen):
     def decode(self, value: Any) -> Any:
         """An Optuna value back to the train config's value."""
         return json.loads(value) if self.encoded and isinstance(value, str) else value
+
+    def suggest(self, trial: optuna.Trial, key: str) -> Any:
+        """The trial's value for `key`, as the train config takes it."""
+        return self.decode(trial.suggest_categorical(key, self.optuna_choices()))
+
+    def describe(self) -> str:
+        """`categorical [...]`, as Optuna stores the choices."""
+        return f"categorical {list(self.optuna_choices())}"
+
+    def bounds(self) -> dict[str, Any]:
+        """Every choice, by the study-file key that sets it (`choices[1]`)."""
+        return {f"choices[{i}]": self.decode(c) for i, c in enumerate(self.optuna_choices())}
 
     def grid(self) -> tuple[Scalar, ...]:
         return self.optuna_choices()
@@ -400,11 +447,7 @@ def check_search(spec: StudySpec, source: str) -> None:
         if key == "seed" and spec.repeats > 1:
             problem = f"cannot be searched with repeats: {spec.repeats} (each trial trains seeds seed, seed + 1, ...)"
             raise ConfigError(source, "search.seed", problem)
-        if isinstance(space, CategoricalSpace):
-            values = {f"choices[{i}]": space.decode(c) for i, c in enumerate(space.optuna_choices())}
-        else:
-            values = {"low": space.low, "high": space.high}
-        for label, value in values.items():
+        for label, value in space.bounds().items():
             tree = copy.deepcopy(base)
             set_train_key(tree, key, value, source)
             try:

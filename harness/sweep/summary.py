@@ -14,28 +14,16 @@ from harness.sweep.bookkeeping import (
 )
 from harness.sweep.plots import PLOTS_ARTIFACT_PATH, matplotlib_figures
 from harness.sweep.spec import (
-    CategoricalSpace,
-    FloatSpace,
-    Space,
     StudySpec,
 )
 from harness.sweep.study import Sweep, make_pruner, make_sampler
 from harness.urls import display_url
 
 
-def describe_space(space: Space) -> str:
-    """`float [0.1, 4.0] log`, `int [0, 8] step 2`, `categorical [...]`."""
-    if isinstance(space, CategoricalSpace):
-        return f"categorical {list(space.optuna_choices())}"
-    text = f"{space.type} [{space.low}, {space.high}]" + (" log" if space.log else "")
-    step = space.step if isinstance(space, FloatSpace) or space.step != 1 else None
-    return text + (f" step {step}" if step is not None else "")
-
-
 def study_params(spec: StudySpec) -> dict[str, Any]:
     """The parent run's params: base config, search space and objectives."""
     params: dict[str, Any] = {f"train.{k}": v for k, v in tracking.config_params(spec.train).items()}
-    params |= {f"search.{key}": describe_space(space) for key, space in spec.search.items()}
+    params |= {f"search.{key}": space.describe() for key, space in spec.search.items()}
     params |= {f"objective.{o.metric}": o.direction for o in spec.objective_list}
     return params
 

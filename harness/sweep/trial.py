@@ -9,7 +9,6 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import optuna
 import torch
@@ -33,29 +32,17 @@ from harness.sweep.runs import TrialEnd, close_trial_run
 from harness.sweep.seeds import SeedAggregate, aggregate, seed_configs
 from harness.sweep.spec import (
     Aggregate,
-    FloatSpace,
-    IntSpace,
-    Space,
     StudySpec,
 )
 from harness.sweep.study import Sweep
 from harness.train import Group, GroupListener, RunInfo, Trainer, pack_key, train_pack
 
 
-def suggest(trial: optuna.Trial, key: str, space: Space) -> Any:
-    """The trial's value for a search key, as the train config takes it."""
-    if isinstance(space, FloatSpace):
-        return trial.suggest_float(key, space.low, space.high, log=space.log, step=space.step)
-    if isinstance(space, IntSpace):
-        return trial.suggest_int(key, space.low, space.high, log=space.log, step=space.step)
-    return space.decode(trial.suggest_categorical(key, space.optuna_choices()))
-
-
 def trial_config(spec: StudySpec, trial: optuna.Trial) -> TrainConfig:
     """The base config with the trial's value for every search key."""
     tree = spec.train.model_dump()
     for key, space in spec.search.items():
-        set_train_key(tree, key, suggest(trial, key, space), "search")
+        set_train_key(tree, key, space.suggest(trial, key), "search")
     return build_train_config(tree, f"trial {trial.number}")
 
 
