@@ -19,7 +19,7 @@ from harness.sweep.outage import StorageUnavailable
 from harness.sweep.spec import Heartbeat
 from harness.sweep.trial import heartbeat
 from tests.postgres import Postgres
-from tests.test_sweep import LAMBDA_SEARCH, sweep_args, write_study
+from tests.sweep_helpers import LAMBDA_SEARCH, sweep_args, write_study
 
 OUTAGE_S = 3.0
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.test_sweep import (
+from tests.sweep_helpers import (
     LAMBDA_SEARCH,
     TINY_TRAIN,
     WAIT_S,

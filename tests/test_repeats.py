@@ -19,8 +19,8 @@ from harness.evaluate import Evaluation
 from harness.sweep.seeds import aggregate, aggregate_metrics, spread_metrics
 from harness.train import Group, GroupListener, train, train_pack
 from tests.conftest import tiny_config
+from tests.sweep_helpers import TINY_TRAIN, sweep_args, write_study
 from tests.test_pack import FOLLOW_RTOL
-from tests.test_sweep import TINY_TRAIN, sweep_args, write_study
 from tests.test_train import Recorder, without_timing
 
 JSON = ("--format", "json")

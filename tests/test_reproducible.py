@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import TINY
 from tests.smoke_sweep import HARNESS, clean_env
-from tests.test_sweep import TINY_TRAIN, WAIT_S, sweep_args, trials_of, write_study
+from tests.sweep_helpers import TINY_TRAIN, WAIT_S, sweep_args, trials_of, write_study
 
 Histories = dict[str, list[tuple[int, float]]]
 

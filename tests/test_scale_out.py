@@ -29,7 +29,14 @@ from optuna.trial import FrozenTrial, TrialState
 from harness.sweep import storage as sweep_storage
 from tests.postgres import Postgres, free_port
 from tests.smoke_sweep import HARNESS
-from tests.test_sweep import LAMBDA_SEARCH, TINY_TRAIN, assert_nothing_running, counted_trials, sweep_args, write_study
+from tests.sweep_helpers import (
+    LAMBDA_SEARCH,
+    TINY_TRAIN,
+    assert_nothing_running,
+    counted_trials,
+    sweep_args,
+    write_study,
+)
 
 STUDY = "faults"
 TRIALS = 5

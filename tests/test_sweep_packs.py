@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 
 from harness.cli import main
-from tests.test_sweep import (
+from tests.sweep_helpers import (
     TINY_TRAIN,
     WAIT_S,
     assert_nothing_running,

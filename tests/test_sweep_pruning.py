@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from harness.cli import main
-from tests.test_sweep import assert_nothing_running, runs_of, sweep_args, trials_of, write_study
+from tests.sweep_helpers import assert_nothing_running, runs_of, sweep_args, trials_of, write_study
 
 N_WARMUP_STEPS = 2
 EVAL_EVERY = 2

@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
-from tests.test_sweep import (
+from tests.sweep_helpers import (
     LAMBDA_SEARCH,
     STOPS,
     TINY_TRAIN,
