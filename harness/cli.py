@@ -1,4 +1,5 @@
-"""`harness` command line: thin wrappers over the library calls."""
+"""`harness` command line: thin wrappers over the library calls. Each command imports what it uses when it runs,
+so that `--help`, `report`, `ui` and `server` start without torch (tests/test_cli_start.py)."""
 
 from __future__ import annotations
 
@@ -13,52 +14,9 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 import click
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
 
 from harness import signals
-from harness.config import ConfigError, TrainConfig, load_train_config
-from harness.evaluate import Evaluation
-from harness.train import RunInfo, TrainListener, train
-
-
-class ProgressBar(TrainListener):
-    """One bar: step, losses and the last eval/cat_acc."""
-
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-        self.task = progress.add_task("train", total=None, status="")
-        self.cat_acc = "-"
-
-    def on_start(self, info: RunInfo, cfg: TrainConfig) -> None:
-        self.progress.update(self.task, total=cfg.steps, description=f"train on {info.device} ({info.data_source})")
-
-    def on_log(self, step: int, values: dict[str, float]) -> None:
-        status = (
-            f"D {values['loss/d']:.3f}  G {values['loss/g']:.3f}  info {values['loss/info']:.3f}  acc {self.cat_acc}"
-        )
-        self.progress.update(self.task, completed=step, status=status)
-
-    def on_eval(self, evaluation: Evaluation) -> None:
-        if "eval/cat_acc" in evaluation.metrics:
-            self.cat_acc = f"{evaluation.metrics['eval/cat_acc']:.3f}"
-
-
-def progress_display(quiet: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        disable=quiet,
-        transient=False,
-    )
+from harness.errors import ConfigError
 
 
 class HarnessGroup(click.Group):
@@ -102,6 +60,9 @@ def train_command(
 ) -> None:
     """Train one InfoGAN and log it to MLflow."""
     from harness import run_logging, tracking
+    from harness.config import load_train_config
+    from harness.progress import ProgressBar, progress_display
+    from harness.train import train
 
     cfg = load_train_config(config, overrides)
     client = tracking.client_for(tracking_uri)
@@ -130,6 +91,7 @@ def bench_command(batch_size: int, steps: int, device: str, pack: int | None, cu
     """Print one JSON line: images/s of a pack's full D+Q+G step (all members and per member), GFLOP per image,
     GFLOP/s and its share of a float32 matmul's rate, and paper-scale trials per hour."""
     from harness.bench import benchmark
+    from harness.config import load_train_config
 
     load_train_config(None, (f"device={device}",))  # the same validation as train
     click.echo(json.dumps(benchmark(batch_size, steps, pack, device, cuda_graph=cuda_graph)))

@@ -10,14 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-
-class ConfigError(Exception):
-    """Bad input: names the source (a file or `--set`), the dotted key and the problem."""
-
-    def __init__(self, source: str, key: str, problem: str) -> None:
-        self.source, self.key, self.problem = source, key, problem
-        where = f"{source}: {key}: " if key else f"{source}: "
-        super().__init__(where + problem)
+from harness.errors import ConfigError
 
 
 class _YamlLoader(yaml.SafeLoader):

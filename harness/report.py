@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness import tracking
-from harness.config import ConfigError
+from harness.errors import ConfigError
 from harness.report_figures import Curve, Panel, objective_curves, traversal_panels
 from harness.sweep.bookkeeping import RUN_ATTR, SEEDS_ATTR, reported_trials, trial_error
 from harness.sweep.plots import PLOTS_ARTIFACT_PATH

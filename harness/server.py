@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 from mlflow.tracking import MlflowClient
 
-from harness.config import ConfigError
+from harness.errors import ConfigError
 from harness.tracking import ROLE_TAG, STUDY_TAG, is_server
 from harness.urls import display_url, missing_driver, sqlite_path
 

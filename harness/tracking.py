@@ -20,7 +20,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from harness.config import ConfigError, TrainConfig, flatten
+from harness.config import TrainConfig, flatten
+from harness.errors import ConfigError
 from harness.store_init import created_once
 from harness.urls import absolute_url, display_url, missing_driver, sqlite_path
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from harness.config import ConfigError, TrainConfig, flatten, load_train_config
+from harness.config import TrainConfig, flatten, load_train_config
+from harness.errors import ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:

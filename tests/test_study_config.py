@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from harness.cli import main
-from harness.config import ConfigError
+from harness.errors import ConfigError
 from harness.sweep.spec import CategoricalSpace, load_study_spec
 
 VALID = """\

@@ -14,8 +14,8 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from harness import signals, tracking
-from harness.config import ConfigError
 from harness.data import DataFallbackWarning, DataUnavailableError, locate, settle
+from harness.errors import ConfigError
 from harness.sweep.bookkeeping import (
     PARENT_ATTR,
     counted,

@@ -1,18 +1,14 @@
-"""A trial's seeds (`repeats` in the study file): their configs, the aggregate a trial is judged by, and the
-trial run's view of them: every metric aggregated across the seeds, and the spread of the objectives."""
+"""A trial's seeds (`repeats` in the study file): their configs, the aggregate a trial is judged by, every metric
+aggregated across the seeds, and the spread of the objectives."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from mlflow.tracking import MlflowClient
 
-from harness import run_logging, tracking
 from harness.config import TrainConfig
-from harness.evaluate import Evaluation
 from harness.sweep.spec import Aggregate
-from harness.train import GroupListener, RunInfo
 
 SPREAD = ("std", "min", "max")  # logged on the trial run for each objective metric as seeds/<metric>/<stat>
 
@@ -44,27 +40,3 @@ def spread_metrics(per_seed: Sequence[Mapping[str, float]], metrics: Sequence[st
             stats = {"std": column.std(), "min": column.min(), "max": column.max()}
             spread |= {f"seeds/{name}/{stat}": float(stats[stat]) for stat in SPREAD}
     return spread
-
-
-class SeedAggregate(GroupListener):
-    """Logs a trial with repeats into its own run: the trial's config (at its first seed) and the seeds,
-    then at every log and evaluation step each metric aggregated across the seeds and the spread of the
-    objective metrics. Each seed's own metrics and traversals go to its run, nested under this one."""
-
-    def __init__(self, client: MlflowClient, run_id: str, how: Aggregate, objectives: Sequence[str]) -> None:
-        self.client, self.run_id, self.how, self.objectives = client, run_id, how, tuple(objectives)
-
-    def on_start(self, info: RunInfo, configs: Sequence[TrainConfig]) -> None:
-        run_logging.log_run_start(self.client, self.run_id, info, configs[0])
-        seeds = " ".join(str(cfg.seed) for cfg in configs)
-        tracking.log_params(self.client, self.run_id, {"repeats": len(configs), "aggregate": self.how, "seeds": seeds})
-
-    def on_log_round(self, step: int, values: Sequence[dict[str, float]]) -> None:
-        self.log(step, values)
-
-    def on_eval_round(self, step: int, evaluations: Sequence[Evaluation]) -> None:
-        self.log(step, [evaluation.metrics for evaluation in evaluations])
-
-    def log(self, step: int, per_seed: Sequence[Mapping[str, float]]) -> None:
-        metrics = aggregate_metrics(per_seed, self.how) | spread_metrics(per_seed, self.objectives)
-        tracking.log_metrics(self.client, self.run_id, step, metrics)

@@ -16,7 +16,6 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from harness.config import (
-    ConfigError,
     Frozen,
     TrainConfig,
     blame_override,
@@ -28,6 +27,7 @@ from harness.config import (
     train_keys,
     validation_problem,
 )
+from harness.errors import ConfigError
 from harness.metric_names import is_logged, known_names
 from harness.urls import absolute_url, display_url, missing_driver
 

@@ -12,7 +12,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage
 from sqlalchemy.exc import SQLAlchemyError
 
-from harness.config import ConfigError
+from harness.errors import ConfigError
 from harness.store_init import created_once
 from harness.sweep.bookkeeping import (
     enqueue_retry,

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from harness.config import ConfigError
+from harness.errors import ConfigError
 from harness.sweep.bookkeeping import SPEC_ATTR
 from harness.sweep.lock import study_lock
 from harness.sweep.spec import (

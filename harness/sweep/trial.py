@@ -6,12 +6,13 @@ import contextlib
 import gc
 import math
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import optuna
 import torch
+from mlflow.tracking import MlflowClient
 from optuna.exceptions import StorageInternalError
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
@@ -29,7 +30,7 @@ from harness.sweep.bookkeeping import (
 )
 from harness.sweep.outage import StorageUnavailable
 from harness.sweep.runs import TrialEnd, close_trial_run
-from harness.sweep.seeds import SeedAggregate, aggregate, seed_configs
+from harness.sweep.seeds import aggregate, aggregate_metrics, seed_configs, spread_metrics
 from harness.sweep.spec import (
     Aggregate,
     StudySpec,
@@ -44,6 +45,30 @@ def trial_config(spec: StudySpec, trial: optuna.Trial) -> TrainConfig:
     for key, space in spec.search.items():
         set_train_key(tree, key, space.suggest(trial, key), "search")
     return build_train_config(tree, f"trial {trial.number}")
+
+
+class SeedAggregate(GroupListener):
+    """Logs a trial with repeats into its own run: the trial's config (at its first seed) and the seeds,
+    then at every log and evaluation step each metric aggregated across the seeds and the spread of the
+    objective metrics. Each seed's own metrics and traversals go to its run, nested under this one."""
+
+    def __init__(self, client: MlflowClient, run_id: str, how: Aggregate, objectives: Sequence[str]) -> None:
+        self.client, self.run_id, self.how, self.objectives = client, run_id, how, tuple(objectives)
+
+    def on_start(self, info: RunInfo, configs: Sequence[TrainConfig]) -> None:
+        run_logging.log_run_start(self.client, self.run_id, info, configs[0])
+        seeds = " ".join(str(cfg.seed) for cfg in configs)
+        tracking.log_params(self.client, self.run_id, {"repeats": len(configs), "aggregate": self.how, "seeds": seeds})
+
+    def on_log_round(self, step: int, values: Sequence[dict[str, float]]) -> None:
+        self.log(step, values)
+
+    def on_eval_round(self, step: int, evaluations: Sequence[Evaluation]) -> None:
+        self.log(step, [evaluation.metrics for evaluation in evaluations])
+
+    def log(self, step: int, per_seed: Sequence[Mapping[str, float]]) -> None:
+        metrics = aggregate_metrics(per_seed, self.how) | spread_metrics(per_seed, self.objectives)
+        tracking.log_metrics(self.client, self.run_id, step, metrics)
 
 
 class ObjectiveReporter(GroupListener):
