@@ -299,7 +299,7 @@ def finish(
 def interrupt_trial(sweep: Sweep, trial: optuna.Trial, runs: TrialRuns, reason: str) -> None:
     """A stop signal: the trial fails as interrupted (`reason`) in both stores, and a retry is queued for the
     next start."""
-    with signals.deferred():
+    with signals.deferred(), sweep.lock():
         enqueue_retry(sweep.study, trial)
         end_trial(sweep, trial, runs, TrialEnd.INTERRUPTED, error=reason)
 
@@ -312,15 +312,17 @@ def end_trial(
     values: list[float] | None = None,
     error: str | None = None,
 ) -> None:
-    """Tell Optuna how the trial ended, then close its runs the same way. A trial failed meanwhile as lost
-    (its heartbeat went stale) keeps that end: its retry runs it again. One whose end Optuna already holds
-    (an earlier attempt got that far) only has its runs closed."""
-    trials = sweep.study.get_trials(deepcopy=False)
-    if any(t.number == trial.number and t.state == TrialState.RUNNING for t in trials):
-        if error:
-            trial.set_user_attr(ERROR_ATTR, error[:5000])
-        sweep.study.tell(trial, values, state=end.optuna_state)
-    elif any(t.user_attrs.get(RETRY_ATTR) == trial.number for t in trials):
-        end, error = TrialEnd.LOST, "failed as lost meanwhile (its heartbeat went stale); retried"
-    for run_id in [*runs.seeds, *([runs.trial] if runs.trial else [])]:
-        close_trial_run(sweep.client, run_id, end, error)
+    """Tell Optuna how the trial ended, then close its runs the same way, under the study's lock: recovery, which
+    closes the runs of ended trials whose workers died, never finds this trial ended with its runs still open.
+    A trial failed meanwhile as lost (its heartbeat went stale) keeps that end: its retry runs it again. One whose
+    end Optuna already holds (an earlier attempt got that far) only has its runs closed."""
+    with sweep.lock():
+        trials = sweep.study.get_trials(deepcopy=False)
+        if any(t.number == trial.number and t.state == TrialState.RUNNING for t in trials):
+            if error:
+                trial.set_user_attr(ERROR_ATTR, error[:5000])
+            sweep.study.tell(trial, values, state=end.optuna_state)
+        elif any(t.user_attrs.get(RETRY_ATTR) == trial.number for t in trials):
+            end, error = TrialEnd.LOST, "failed as lost meanwhile (its heartbeat went stale); retried"
+        for run_id in [*runs.seeds, *([runs.trial] if runs.trial else [])]:
+            close_trial_run(sweep.client, run_id, end, error)
