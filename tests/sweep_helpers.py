@@ -22,6 +22,19 @@ from optuna.trial import FrozenTrial, TrialState
 TINY_TRAIN = {"data": {"download": False}, "optim": {"batch_size": 16}, "steps": 4, "eval_every": 2, "log_every": 2}
 LAMBDA_SEARCH = {"loss.lambda_cat": {"type": "float", "low": 0.5, "high": 2.0, "log": True}}
 WAIT_S = 240.0
+# Pruning made deterministic: evaluations after the step-0 baseline at steps 2, 4, 6 (the pruner's steps 1, 2, 3), a
+# loss log at each; λ_cat = 0 leaves the digit code untrained, λ_cat = 2 lifts info/mi_cat by the first evaluation.
+N_WARMUP_STEPS = 2
+EVAL_EVERY = 2
+PRUNE_TRAIN = {
+    "data": {"download": False},
+    "device": "cpu",
+    "optim": {"batch_size": 16},
+    "steps": 6,
+    "eval_every": EVAL_EVERY,
+    "log_every": EVAL_EVERY,
+}
+LEARNS, IDLE = 2.0, 0.0  # loss.lambda_cat
 STOPS = [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "interrupted (SIGTERM)")]
 
 

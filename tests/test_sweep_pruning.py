@@ -10,20 +10,18 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from harness.cli import main
-from tests.sweep_helpers import assert_nothing_running, runs_of, sweep_args, trials_of, write_study
-
-N_WARMUP_STEPS = 2
-EVAL_EVERY = 2
-# Evaluations after the step-0 baseline at steps 2, 4, 6: the pruner's steps 1, 2, 3. A loss log at each.
-PRUNE_TRAIN = {
-    "data": {"download": False},
-    "device": "cpu",
-    "optim": {"batch_size": 16},
-    "steps": 6,
-    "eval_every": EVAL_EVERY,
-    "log_every": EVAL_EVERY,
-}
-LEARNS, IDLE = 2.0, 0.0  # loss.lambda_cat
+from tests.sweep_helpers import (
+    EVAL_EVERY,
+    IDLE,
+    LEARNS,
+    N_WARMUP_STEPS,
+    PRUNE_TRAIN,
+    assert_nothing_running,
+    runs_of,
+    sweep_args,
+    trials_of,
+    write_study,
+)
 
 
 @pytest.fixture(autouse=True)

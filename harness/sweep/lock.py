@@ -21,7 +21,7 @@ from optuna.storages import RDBStorage
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from harness.sweep.outage import STORAGE_OUTAGE_S, outlasting
+from harness.sweep.outage import outlasting, storage_outage_s
 from harness.urls import sqlite_path
 
 HELD: dict[tuple[str, str], int] = {}  # (storage URL, study) -> how deep this process holds its lock
@@ -69,7 +69,7 @@ def store_lock(storage: RDBStorage, url: str, study: str) -> Iterator[None]:
         return
     if storage.engine.dialect.name == "postgresql":
         # taken on a connection of its own; a restarting database is waited for, as the storage's calls wait
-        with outlasting(lambda: advisory_locked(storage, study), STORAGE_OUTAGE_S, url) as connection:
+        with outlasting(lambda: advisory_locked(storage, study), storage_outage_s(), url) as connection:
             try:
                 yield
             finally:

@@ -1,8 +1,11 @@
 """Waiting out a storage database that went out of reach (stopped, restarting, unreachable): a call is tried
-again, reconnecting, for up to STORAGE_OUTAGE_S; past that it raises StorageUnavailable, one line."""
+again, reconnecting, for up to STORAGE_OUTAGE_S (or $HARNESS_STORAGE_OUTAGE_S seconds); past that it raises
+StorageUnavailable, one line."""
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -10,9 +13,11 @@ from typing import TypeVar
 from optuna.exceptions import StorageInternalError
 from sqlalchemy.exc import DBAPIError, OperationalError, PendingRollbackError, SQLAlchemyError
 
+from harness.errors import ConfigError
 from harness.urls import display_url
 
 STORAGE_OUTAGE_S = 120.0
+OUTAGE_ENV = "HARNESS_STORAGE_OUTAGE_S"  # overrides STORAGE_OUTAGE_S
 OUTAGE_PAUSES_S = (0.5, 1.0, 2.0, 4.0)  # between tries, then the last one again
 
 T = TypeVar("T")
@@ -20,6 +25,21 @@ T = TypeVar("T")
 
 class StorageUnavailable(Exception):
     """The storage's database stayed out of reach: nothing more can be recorded."""
+
+
+def storage_outage_s() -> float:
+    """How long a storage call waits out its database: $HARNESS_STORAGE_OUTAGE_S seconds, else STORAGE_OUTAGE_S;
+    ConfigError when the variable is not a positive number."""
+    text = os.environ.get(OUTAGE_ENV, "").strip()
+    if not text:
+        return STORAGE_OUTAGE_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(OUTAGE_ENV, "", f"must be a positive number of seconds, not {text!r}")
+    return seconds
 
 
 def lost_connection(err: BaseException | None) -> bool:

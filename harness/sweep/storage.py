@@ -17,7 +17,7 @@ from harness.store_init import created_once
 from harness.sweep.bookkeeping import (
     enqueue_retry,
 )
-from harness.sweep.outage import STORAGE_OUTAGE_S, outlasting
+from harness.sweep.outage import STORAGE_OUTAGE_S, outlasting, storage_outage_s
 from harness.sweep.spec import (
     Heartbeat,
 )
@@ -105,13 +105,14 @@ def engine_kwargs(url: str) -> dict[str, Any]:
 
 def open_storage(url: str, heartbeat: Heartbeat = DEFAULT_HEARTBEAT) -> ReconnectingRDBStorage:
     """The RDB storage at `url` with heartbeats: a trial whose heartbeat is silent for the grace period is
-    failed and retried."""
+    failed and retried. Its calls wait out a database out of reach for `storage_outage_s()`."""
+    outage_s = storage_outage_s()
     path = sqlite_path(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     retry_silent = functools.partial(enqueue_retry, reason=f"its heartbeat was silent for over {heartbeat.grace_s} s")
     try:
-        return created_once(
+        storage = created_once(
             lambda: ReconnectingRDBStorage(
                 url,
                 engine_kwargs=engine_kwargs(url),
@@ -122,3 +123,5 @@ def open_storage(url: str, heartbeat: Heartbeat = DEFAULT_HEARTBEAT) -> Reconnec
         )
     except (ImportError, SQLAlchemyError) as err:
         raise ConfigError("storage", display_url(url), f"cannot open: {str(err).splitlines()[0]}") from None
+    storage.outage_s = outage_s
+    return storage
