@@ -5,7 +5,8 @@ and betas, and a member can sit a step out.
 every member, so it cannot give members their own; splitting members into separate tensors would cost a
 concatenation of all weights every step. This is torch.optim.Adam's arithmetic (its single-tensor path; no
 weight decay, no amsgrad) with the scalars as (P,) tensors: no host scalar changes from step to step, so the
-update can be captured in a CUDA graph, and it runs on CPU, CUDA and MPS (no float64).
+update can be captured in a CUDA graph, and it runs on CPU, CUDA and MPS. The scalars take the parameters'
+dtype (float64 on the CPU where tests compare against torch.optim.Adam to rounding).
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ class BatchedAdam:
         cls, params: Sequence[torch.Tensor], lr: Sequence[float], beta1: Sequence[float], beta2: Sequence[float]
     ) -> BatchedAdam:
         """A fresh optimiser, each member with its learning rate and betas."""
-        device = params[0].device
+        device, dtype = params[0].device, params[0].dtype
 
         def column(values: Sequence[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1)  # (P, 1)
+            return torch.tensor(values, dtype=dtype, device=device).view(-1, 1)  # (P, 1)
 
         def log(values: Sequence[float]) -> torch.Tensor:
             return column([math.log(b) if b > 0 else -math.inf for b in values])

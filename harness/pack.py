@@ -51,6 +51,7 @@ class PackTrainer:
         self.batch_size = min(configs[0].optim.batch_size, len(train_images))
         states = [model.state_dict() for model in models]
         self.model = PackedInfoGAN.from_states(states, self.spec.dim, self.spec.q_dim, device)
+        self.dtype = self.model.d_head.weight.dtype  # float32; float64 where tests compare to the reference
         self.latent_rngs = [torch.Generator(device).manual_seed(cfg.seed) for cfg in configs]
         self.batch_rngs = [torch.Generator(device).manual_seed(cfg.seed + 2) for cfg in configs]
         self.perms = torch.empty(len(configs), len(train_images), dtype=torch.long, device=device)  # (P, N)
@@ -72,7 +73,7 @@ class PackTrainer:
         members, device = len(configs), self.device
 
         def column(values: Sequence[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)  # (P,)
+            return torch.tensor(values, dtype=self.dtype, device=device)  # (P,)
 
         self.lambda_cat = column([cfg.loss.lambda_cat for cfg in configs])
         self.lambda_con = column([cfg.loss.lambda_con for cfg in configs])
@@ -151,7 +152,7 @@ class PackTrainer:
 
     def fused_step(self) -> torch.Tensor:
         latent = self.spec.latent(self.draws)  # (P, B, ...)
-        real = self.images.float().div_(255)  # (B, P, 28, 28) in [0, 1]: member p's batch in channel p
+        real = self.images.to(self.dtype).div_(255)  # (B, P, 28, 28) in [0, 1]: member p's batch in channel p
         with self.autocast:
             fake = self.model.generator(latent.vector)  # (B, P, 28, 28)
         loss_d = self.step_d(real, fake, latent)
@@ -195,7 +196,7 @@ class PackTrainer:
     def info_terms(self, q_out: torch.Tensor, latent: Latent) -> tuple[torch.Tensor, torch.Tensor]:
         """From Q's outputs (P, B, q_dim): the cross-entropy of each categorical code's logits (P, n_cat) and
         the summed Gaussian NLL of the continuous codes (P,), batch means: -L_I up to the constant H(c)."""
-        q_out = q_out.float()
+        q_out = q_out.to(self.dtype)  # bf16 under autocast
         members, batch, _ = q_out.shape
         n_logits = sum(self.spec.categorical)
         logits = q_out[..., :n_logits].split(list(self.spec.categorical), dim=-1)  # (P, B, K) each
@@ -251,7 +252,7 @@ class PackTrainer:
 
 def binary_cross_entropy(logits: torch.Tensor, target: float) -> torch.Tensor:
     """Each member's batch mean of BCE against a constant target: (P, B) logits -> (P,)."""
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 under autocast; float64 stays
     targets = torch.full_like(logits, target)
     return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=1)
 

@@ -58,7 +58,7 @@ class ReferenceTrainer:
 
     def step(self) -> torch.Tensor:
         """One step on the next batch: [loss/d, loss/g, loss/info, nll_con, ce per categorical code...]."""
-        real = self.next_batch().unsqueeze(1).float().div_(255)  # (B, 1, 28, 28)
+        real = self.next_batch().unsqueeze(1).to(torch.get_default_dtype()).div_(255)  # (B, 1, 28, 28)
         latent = self.sample()
         fake = self.model.generator(latent.vector)
         loss_d = self.step_d(real, fake, latent)

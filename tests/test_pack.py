@@ -11,13 +11,20 @@ What is compared, and how closely:
   noise, and a pre-activation within rounding of 0 switches a leaky ReLU's slope. The unpacked trainer against
   itself, only its thread count changed (another summation order), already differs by 1e-3 at step 2 and by
   up to 2e-2 within 40 steps; pack members against it: ≤ 2e-2 by step 10 (measured on the 2-core CPU);
+- in float64 (test_in_float64_...), three members differing in every per-member setting, 10 steps at batch 8:
+  every step's stats within F64_RTOL = 1e-9 elementwise (measured ≤ 8.6e-12; at batch 32 ≤ 4.9e-13), the final
+  weights and BatchNorm statistics within 1e-9 in norm (measured ≤ 1.2e-10), Adam's moments within 1e-8 in norm
+  (measured ≤ 6.6e-10), its step counts exactly. Rounding is no longer amplified past the tolerance, so a wrong
+  learning rate, beta, λ, latent or batch (the planted bugs: ≥ 1.5e-4 from step 2) fails by five orders;
 - members against each other: exactly. A member's arithmetic never reads another's values, so changing one
-  member (even into NaNs) leaves the others' stats and weights bit for bit the same.
+  member (even into NaNs) leaves the others' stats and weights bit for bit the same; changing any one per-member
+  setting of member 1 changes its trajectory and leaves members 0 and 2 bit for bit (test_a_setting_changes_...).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -319,3 +326,139 @@ def test_the_step_does_the_unpacked_steps_arithmetic(tmp_path: Path, images: tor
         ReferenceTrainer(cfg, images, CPU).step()
     assert packed.get_total_flops() == unpacked.get_total_flops()
     assert packed.get_total_flops() / 32 == pytest.approx(0.288e9, rel=0.01)
+
+
+# -- float64: the pack is the reference to rounding ------------------------------------------------------------
+
+DISTINCT = (  # members that differ in every setting a member may, each lr_g ≠ its lr_d
+    ("seed=3", "optim.lr_d=2e-4", "optim.lr_g=1e-3", "optim.beta1=0.5", "optim.beta2=0.999"),
+    ("seed=4", "optim.lr_d=3e-4", "optim.lr_g=5e-4", "optim.beta1=0.7", "optim.beta2=0.99", "optim.q_optimizer=g"),
+    ("seed=5", "optim.lr_d=1e-4", "optim.lr_g=2e-3", "optim.beta1=0.3", "optim.beta2=0.95", "optim.q_optimizer=g"),
+)
+LOSSES = (
+    ("loss.lambda_cat=1.0", "loss.lambda_con=0.1", "loss.continuous_std=learned"),
+    ("loss.lambda_cat=0.5", "loss.lambda_con=1.0", "loss.continuous_std=fixed"),
+    ("loss.lambda_cat=2.0", "loss.lambda_con=0.3", "loss.continuous_std=learned"),
+)
+F64_RTOL, F64_STEPS, F64_BATCH = 1e-9, 10, "optim.batch_size=8"  # float64 convolutions are slow on the CPU
+MOMENTS_RTOL = 1e-8  # Adam's moments: measured ≤ 6.6e-10, too near F64_RTOL to be reliable on other machines
+
+
+@pytest.fixture
+def float64() -> Iterator[None]:
+    """float64 as the default dtype (models, latents, the pack's per-member scalars), restored after."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(default)
+
+
+def pack_moments(pack: PackTrainer, member: int) -> dict[str, torch.Tensor]:
+    """A member's Adam state by parameter name: `name/exp_avg`, `name/exp_avg_sq` and `name/step`."""
+    names = {id(p): name for name, p in pack.model.named_parameters()}
+    moments = {}
+    for adam in (pack.opt_d, pack.opt_g, pack.opt_q):
+        for param, exp_avg, exp_avg_sq in zip(adam.params, adam.exp_avg, adam.exp_avg_sq, strict=True):
+            name = names[id(param)]
+            moments[f"{name}/exp_avg"] = exp_avg.unflatten(0, (pack.members, -1))[member]
+            moments[f"{name}/exp_avg_sq"] = exp_avg_sq.unflatten(0, (pack.members, -1))[member]
+            moments[f"{name}/step"] = adam.members["steps"][member, 0]
+    return moments
+
+
+def reference_moments(reference: ReferenceTrainer) -> dict[str, torch.Tensor]:
+    """`pack_moments` of the unpacked trainer's torch.optim.Adam."""
+    names = {id(p): name for name, p in reference.model.named_parameters()}
+    moments = {}
+    for adam in (reference.opt_d, reference.opt_g):
+        for param, state in adam.state.items():
+            name = names[id(param)]
+            moments |= {f"{name}/{key}": state[key] for key in ("exp_avg", "exp_avg_sq", "step")}
+    return moments
+
+
+def relative_errors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, float]:
+    """‖actual - expected‖ / ‖expected‖ of each tensor (Frobenius norms; an integer tensor: 0 where equal)."""
+    assert actual.keys() == expected.keys()
+    return {
+        key: ((actual[key].double() - value.double()).norm() / value.double().norm().clamp(min=1e-300)).item()
+        for key, value in expected.items()
+    }
+
+
+@pytest.mark.slow
+def test_in_float64_a_member_is_its_unpacked_run_to_rounding(
+    tmp_path: Path, images: torch.Tensor, float64: None
+) -> None:
+    """Members differing in every setting, F64_STEPS steps: each step's stats within F64_RTOL elementwise, the
+    final weights and BatchNorm statistics within F64_RTOL in norm, Adam's moments within MOMENTS_RTOL, its step
+    counts exactly."""
+    configs = [tiny_config(tmp_path, *a, *b, F64_BATCH) for a, b in zip(DISTINCT, LOSSES, strict=True)]
+    pack = make_pack(configs, images)
+    references = [ReferenceTrainer(cfg, images, CPU) for cfg in configs]
+    for step in range(F64_STEPS):
+        stats = pack.step()
+        assert stats.dtype == torch.float64
+        for m, reference in enumerate(references):
+            torch.testing.assert_close(stats[m], reference.step(), rtol=F64_RTOL, atol=0, msg=f"step {step + 1}")
+    for m, reference in enumerate(references):
+        weights = relative_errors(pack.member_state(m), reference.model.state_dict())
+        moments = relative_errors(pack_moments(pack, m), reference_moments(reference))
+        assert max(weights.values()) <= F64_RTOL, weights
+        assert max(moments.values()) <= MOMENTS_RTOL, moments
+        assert all(moments[k] == 0 for k in moments if k.endswith("/step"))
+
+
+# -- each setting is its member's own --------------------------------------------------------------------------
+
+CHANGES = {  # a new value of each per-member setting, for member 1 of DISTINCT
+    "seed": "seed=9",
+    "lr_d": "optim.lr_d=4e-4",
+    "lr_g": "optim.lr_g=7e-4",
+    "beta1": "optim.beta1=0.8",
+    "beta2": "optim.beta2=0.9",
+    "lambda_cat": "loss.lambda_cat=1.5",
+    "lambda_con": "loss.lambda_con=0.2",
+    "continuous_std": "loss.continuous_std=learned",
+    "q_optimizer": "optim.q_optimizer=d",
+}
+CHANGED, CHANGE_STEPS, CHANGE_BATCH = 1, 2, "optim.batch_size=8"  # Adam's betas act from its second step on
+
+
+def run_distinct(
+    tmp_path: Path, images: torch.Tensor, change: str = ""
+) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """DISTINCT members for CHANGE_STEPS steps, member CHANGED with `change`: stats (P, steps, stats) and
+    each member's final state dict."""
+    overrides = [(*a, *b, CHANGE_BATCH) for a, b in zip(DISTINCT, LOSSES, strict=True)]
+    overrides[CHANGED] = (*overrides[CHANGED], *([change] if change else []))
+    pack = make_pack([tiny_config(tmp_path, *o) for o in overrides], images)
+    stats = torch.stack([pack.step() for _ in range(CHANGE_STEPS)], dim=1)
+    return stats, [{k: v.clone() for k, v in pack.member_state(m).items()} for m in range(pack.members)]
+
+
+@pytest.fixture(scope="module")
+def unchanged(
+    tmp_path_factory: pytest.TempPathFactory, images: torch.Tensor
+) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    return run_distinct(tmp_path_factory.mktemp("unchanged"), images)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", list(CHANGES))
+def test_a_setting_changes_its_member_only(
+    tmp_path: Path,
+    images: torch.Tensor,
+    unchanged: tuple[torch.Tensor, list[dict[str, torch.Tensor]]],
+    setting: str,
+) -> None:
+    """Member CHANGED with another `setting`: its stats and weights move, the other members' stay bit for bit."""
+    stats, states = run_distinct(tmp_path, images, CHANGES[setting])
+    before_stats, before_states = unchanged
+    for m in {0, 1, 2} - {CHANGED}:
+        assert torch.equal(stats[m], before_stats[m]), f"member {m}'s stats"
+        assert all(torch.equal(states[m][k], before_states[m][k]) for k in states[m]), f"member {m}'s weights"
+    assert not torch.equal(stats[CHANGED], before_stats[CHANGED])
+    assert any(not torch.equal(states[CHANGED][k], before_states[CHANGED][k]) for k in states[CHANGED])
