@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from harness.cli import main
 from harness.config import TrainConfig
+from harness.latent import LatentSpec
 from harness.pack import initial_model
 
 BATCH = 4
@@ -22,8 +23,9 @@ PAPER_TRIAL_IMAGES = 5000 * 128  # the official MNIST run: 5,000 steps at batch 
 def gflop_per_image() -> float:
     """GFLOPs of one image's D+Q step (D and Q on a real and a fake batch, gradients of D's and Q's weights)
     and G step (D and Q on the fake batch, gradients of G's weights), counted on a model of one member."""
-    model = initial_model(TrainConfig(), torch.device("cpu"))
-    latent = torch.randn(BATCH, model.generator.fc[0].in_features)
+    cfg = TrainConfig()
+    model = initial_model(cfg, torch.device("cpu"))
+    latent = torch.randn(BATCH, LatentSpec.from_config(cfg.codes).dim)
     d_and_q = [*model.trunk.parameters(), *model.d_head.parameters(), *model.q_head.parameters()]
     with FlopCounterMode(display=False) as counter:
         fake = model.generator(latent)
@@ -32,7 +34,7 @@ def gflop_per_image() -> float:
         torch.autograd.grad(d_real.sum() + d_fake.sum() + q_fake.sum(), d_and_q)
         d_fake, q_fake = model.discriminate(fake)
         torch.autograd.grad(d_fake.sum() + q_fake.sum(), list(model.generator.parameters()))
-    return counter.get_total_flops() / BATCH / 1e9
+    return float(counter.get_total_flops()) / BATCH / 1e9
 
 
 def test_bench_prints_one_json_line_with_counted_flops() -> None:
