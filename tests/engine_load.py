@@ -40,6 +40,7 @@ from harness.sweep.storage import SERVER_ENGINE_KWARGS, quiet_optuna
 from harness.sweep.study import Sweep
 from harness.sweep.workers import RECOVER_EVERY_S, run_worker
 from harness.train import Group, GroupOutcome, RunInfo, TrainResult
+from tests.worker_logs import log_tail
 
 STUDY = "load"
 OBJECTIVE = "eval/cat_acc"
@@ -128,7 +129,7 @@ def stub_trainer(groups: Sequence[Group]) -> list[GroupOutcome]:
 def stub_worker(spec_file: Path, worker: int, status_dir: Path, parent_pid: int) -> None:
     """A worker process (spawned): `run_worker` with the stub trainer, its output in its log as
     `supervise`'s workers have it."""
-    log = os.open(status_dir / f"worker-{worker}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    log = os.open(worker_log(status_dir.parent, worker), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
     code = run_worker(spec_file, worker, status_dir, parent_pid, trainer=stub_trainer)
@@ -261,10 +262,13 @@ def supervise_stubs(sweep: Sweep, processes: Sequence[BaseProcess], deadline: fl
             raise TimeoutError(f"{alive} workers still running past the deadline:\n{worker_logs(status_dir)}")
 
 
+def worker_log(folder: Path, worker: int) -> Path:
+    """A stub worker's log in the folder of `run_load`."""
+    return folder / "status" / f"worker-{worker}.log"
+
+
 def worker_logs(status_dir: Path) -> str:
-    return "\n".join(
-        f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}" for log in sorted(status_dir.glob("*.log"))
-    )
+    return "\n".join(log_tail(log) for log in sorted(status_dir.glob("*.log")))
 
 
 def run_load(optuna_url: str, mlflow_url: str, folder: Path, workers: int, trials: int, timeout_s: float) -> LoadResult:

@@ -18,6 +18,8 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
+from tests.worker_logs import log_tail
+
 # Two log windows and two evaluations a trial: tiny, yet every hook runs.
 TINY_TRAIN = {"data": {"download": False}, "optim": {"batch_size": 16}, "steps": 4, "eval_every": 2, "log_every": 2}
 LAMBDA_SEARCH = {"loss.lambda_cat": {"type": "float", "low": 0.5, "high": 2.0, "log": True}}
@@ -108,8 +110,8 @@ def start_sweep(study_file: Path, storage: str, tracking_uri: str, log: Path) ->
 def wait_for(condition: Callable[[], bool], process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + WAIT_S
     while not condition():
-        assert process.poll() is None, f"sweep exited early ({process.returncode}):\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"timed out:\n{log.read_text()}"
+        assert process.poll() is None, f"sweep exited early ({process.returncode}):\n{log_tail(log)}"
+        assert time.monotonic() < deadline, f"timed out:\n{log_tail(log)}"
         time.sleep(0.2)
 
 

@@ -1,8 +1,9 @@
 """The sweep beyond one machine, with real servers and real faults: `harness server` over a PostgreSQL store,
-three `harness sweep` workers, each in its own folder with its own HOME (and, where `unshare` works, its own host
-name), on one PostgreSQL storage and the server's http:// tracking URI. One worker is killed mid-trial,
-PostgreSQL restarts mid-trial, the tracking server stops for ten seconds mid-trial; the study still reaches its
-trial count, every metric arrives, every artifact downloads through the server, nothing is left running."""
+three `harness sweep` workers, each in its own folder with its own HOME and its own host name (a UTS namespace:
+where `unshare` cannot make one, the test skips, and fails under HARNESS_NO_SKIPS=1), on one PostgreSQL storage
+and the server's http:// tracking URI. One worker is killed mid-trial, PostgreSQL restarts mid-trial, the
+tracking server stops for ten seconds mid-trial; the study still reaches its trial count, every metric arrives,
+every artifact downloads through the server, nothing is left running."""
 
 from __future__ import annotations
 
@@ -37,12 +38,14 @@ from tests.sweep_helpers import (
     sweep_args,
     write_study,
 )
+from tests.worker_logs import log_tail
 
 STUDY = "faults"
 TRIALS = 5
 STEPS, EVAL_EVERY, LOG_EVERY = 16, 8, 4  # a fault lands after the first evaluation, with half to go
 TRAIN = {**TINY_TRAIN, "steps": STEPS, "eval_every": EVAL_EVERY, "log_every": LOG_EVERY}
-HEARTBEAT = {"interval_s": 1, "grace_s": 10}  # a killed worker's trial is lost within seconds, not a minute
+# A restart under load silences every heartbeat for 5 to 8 s: a live worker's trial must never look lost then.
+HEARTBEAT = {"interval_s": 1, "grace_s": 30}
 WORKERS = 3
 USERNAME = "sweeper"
 POSTGRES_DOWN_S = 3.0  # a restart, as an upgrade or a failover makes one
@@ -51,6 +54,7 @@ SERVER_START_S = 150.0
 WAIT_S = 300.0
 HAS_FLASK_WTF = importlib.util.find_spec("flask_wtf") is not None
 NO_FLASK_WTF = "Flask-WTF is not installed (pip install -e '.[server]'): the authenticated server test did not run"
+NO_UNSHARE = "`unshare --uts` does not work here (root, unconfined): the workers cannot have host names of their own"
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -91,7 +95,7 @@ class Server:
         """SIGTERM, as `kill` sends: harness stops `mlflow server` and exits 0."""
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
-        assert self.process.wait(timeout=60) == 0, self.output()
+        assert self.process.wait(timeout=SERVER_START_S) == 0, log_tail(self.log)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, 0)
             raise AssertionError(f"mlflow server outlived harness server:\n{self.output()}")
@@ -103,7 +107,7 @@ class Server:
             self.process.wait()
 
     def alive(self) -> None:
-        assert self.process is not None and self.process.poll() is None, f"harness server exited:\n{self.output()}"
+        assert self.process is not None and self.process.poll() is None, f"harness server exited:\n{log_tail(self.log)}"
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -121,19 +125,18 @@ class Worker:
     def log(self) -> Path:
         return self.folder / "sweep.log"
 
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
+    def exited(self, code: int | None) -> str:
+        return f"worker {self.index} exited with {code}:\n{log_tail(self.log)}"
 
 
-def start_worker(
-    index: int, root: Path, storage: str, tracking_uri: str, env: dict[str, str], own_host: bool
-) -> Worker:
+def start_worker(index: int, root: Path, storage: str, tracking_uri: str, env: dict[str, str]) -> Worker:
     folder = root / f"worker-{index}"
     folder.mkdir()
     study_file = write_study(folder, STUDY, TRIALS, LAMBDA_SEARCH, train=TRAIN, heartbeat=HEARTBEAT)
     command = [sys.executable, "-m", "harness.cli", *sweep_args(study_file, storage, tracking_uri)]
-    if own_host:  # sh names the host, then becomes harness: the pid stays the worker's
-        command = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', f"worker-{index}", *command]
+    # its own host name, so that only its heartbeat tells whether it is alive; sh names the host, then becomes
+    # harness: the pid stays the worker's
+    command = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', f"worker-{index}", *command]
     with (folder / "sweep.log").open("wb") as out:
         process = subprocess.Popen(
             command, cwd=folder, env={**env, "HOME": str(folder)}, stdout=out, stderr=subprocess.STDOUT
@@ -160,7 +163,6 @@ class Scene:
     artifacts: Path
     server: Server
     workers: list[Worker]
-    own_hosts: bool
     storage: optuna.storages.RDBStorage | None = None
     notes: list[str] = field(default_factory=list)
     victim: FrozenTrial | None = None
@@ -183,7 +185,7 @@ class Scene:
         self.server.alive()
         for worker in self.workers:
             if worker.index != 0 or self.victim is None:
-                assert worker.process.poll() is None, f"worker {worker.index} exited:\n{worker.output()}"
+                assert worker.process.poll() is None, worker.exited(worker.process.returncode)
 
     def kill_a_worker_mid_trial(self) -> int:
         """SIGKILL worker 0 in the middle of a trial; that trial's number."""
@@ -204,15 +206,16 @@ class Scene:
         return self.victim.number
 
     def restart_postgres_mid_trial(self) -> None:
-        """Stop PostgreSQL, both stores' database, for a few seconds while both other workers are mid-trial."""
+        """Stop PostgreSQL, both stores' database, for a few seconds while another worker is mid-trial (both,
+        when they happen to be: their trials need not overlap)."""
         survivors = {worker.process.pid for worker in self.workers[1:]}
 
-        def survivors_mid_trial() -> bool:
+        def survivor_mid_trial() -> bool:
             running = [t for t in self.trials() if mid_trial(t) and t.user_attrs["worker"]["pid"] in survivors]
             self.postgres_running = [t.number for t in running]
-            return {t.user_attrs["worker"]["pid"] for t in running} == survivors
+            return bool(running)
 
-        wait(survivors_mid_trial, "both other workers mid-trial", WAIT_S, self.all_alive)
+        wait(survivor_mid_trial, "another worker mid-trial", WAIT_S, self.all_alive)
         down = time.monotonic()
         self.postgres.stop("fast")
         time.sleep(POSTGRES_DOWN_S)
@@ -300,8 +303,8 @@ def start_refused_sweep(scene: Scene, folder: Path, env: dict[str, str]) -> subp
 
 
 def check_study(scene: Scene, lost_number: int) -> list[FrozenTrial]:
-    """Its trial count exactly, nothing running; the killed worker's trial failed by its heartbeat (or, without a
-    host name of its own, as a process gone from this host) and retried once. The trials."""
+    """Its trial count exactly, nothing running; the killed worker's trial failed by its heartbeat and retried
+    once. The trials."""
     done = scene.trials()
     assert all(t.state != TrialState.RUNNING for t in done)
     counted = counted_trials(done)
@@ -313,8 +316,7 @@ def check_study(scene: Scene, lost_number: int) -> list[FrozenTrial]:
     (retry,) = retries
     assert retry.params == lost.params and retry in counted
     assert len(done) == TRIALS + 1 + sum(bool(t.user_attrs.get("surplus")) for t in done)
-    victim_pid = scene.workers[0].process.pid
-    why = "its heartbeat was silent for over 10 s" if scene.own_hosts else f"its worker process {victim_pid} is gone"
+    why = f"its heartbeat was silent for over {HEARTBEAT['grace_s']} s"
     assert retry.user_attrs.get("lost_because", "").startswith(why), retry.user_attrs
     scene.note(f"trial {lost_number} was failed ({why}) and retried once as trial {retry.number}")
     for number in scene.postgres_running:  # they waited for the database and finished
@@ -384,6 +386,8 @@ def test_three_workers_on_postgresql_and_a_tracking_server_survive_a_kill_a_rest
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    if not unshare_works():  # the heartbeat is what this test checks, not the pid of a process on this host
+        pytest.skip(NO_UNSHARE)
     optuna_url, mlflow_url = stores
     password = secrets.token_hex(12)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USERNAME)  # this test reads through the server as the workers do
@@ -394,7 +398,7 @@ def test_three_workers_on_postgresql_and_a_tracking_server_survive_a_kill_a_rest
     (tmp_path / "server").mkdir()
     server_args = ["--store", mlflow_url, "--artifacts", str(artifacts), "--port", str(port), "--workers", "1"]
     servers.append(Server(server_args, env, tmp_path / "server" / "server.log"))
-    scene = Scene(postgres, optuna_url, f"http://127.0.0.1:{port}", artifacts, servers[0], workers, unshare_works())
+    scene = Scene(postgres, optuna_url, f"http://127.0.0.1:{port}", artifacts, servers[0], workers)
     scene.server.start()
     scene.note("harness server answered")
     output = scene.server.output()
@@ -404,7 +408,7 @@ def test_three_workers_on_postgresql_and_a_tracking_server_survive_a_kill_a_rest
 
     worker_env = {**env, "OMP_NUM_THREADS": "1"}  # three workers share this machine's cores
     for index in range(WORKERS):
-        workers.append(start_worker(index, tmp_path, optuna_url, scene.tracking_uri, worker_env, scene.own_hosts))
+        workers.append(start_worker(index, tmp_path, optuna_url, scene.tracking_uri, worker_env))
     (tmp_path / "legacy").mkdir()
     refused = start_refused_sweep(scene, tmp_path / "legacy", env)
 
@@ -412,7 +416,8 @@ def test_three_workers_on_postgresql_and_a_tracking_server_survive_a_kill_a_rest
     scene.restart_postgres_mid_trial()
     scene.stop_server_mid_trial()
     for worker in workers[1:]:
-        assert worker.process.wait(timeout=WAIT_S) == 0, worker.output()
+        code = worker.process.wait(timeout=WAIT_S)
+        assert code == 0, worker.exited(code)
     scene.note("both other workers ended, exit 0")
 
     refused_output, _ = refused.communicate(timeout=WAIT_S)

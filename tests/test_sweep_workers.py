@@ -30,6 +30,7 @@ from tests.sweep_helpers import (
     wait_for,
     write_study,
 )
+from tests.worker_logs import log_tail
 
 
 def start_sweep(study_file: Path, storage: str, tracking_uri: str, log: Path, workers: int) -> subprocess.Popen[bytes]:
@@ -75,7 +76,7 @@ def test_a_stop_signal_interrupts_both_workers_and_queues_a_retry_of_each_trial(
     try:
         wait_for(lambda: len(running_trials(optuna_storage, "stop", tracking_uri)) == 2, process, log)
         process.send_signal(signum)  # Ctrl-C, or a scheduler's SIGTERM, reaches the coordinator; it tells the workers
-        assert process.wait(timeout=WAIT_S) == code, log.read_text()
+        assert process.wait(timeout=WAIT_S) == code, log_tail(log)
     finally:
         process.kill()
         process.wait()
@@ -115,14 +116,18 @@ def test_a_worker_killed_mid_trial_leaves_its_retry_to_the_other(
     try:
         seen: list[FrozenTrial] = []
 
-        def both_running() -> bool:
+        def one_running() -> bool:
             seen[:] = running_trials(optuna_storage, "survive", tracking_uri)
-            return len(seen) == 2
+            return bool(seen)
 
-        wait_for(both_running, process, log)
-        first, victim = seen  # the newer trial: the furthest from its end
+        # the first trial seen with its run, killed at once, far from its end; whether the other worker is
+        # running the other trial by then, or still starting, is up to the machine's load
+        wait_for(one_running, process, log)
+        victim = seen[-1]
+        workers = {child.pid for child in psutil.Process(process.pid).children()}
         os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
-        assert process.wait(timeout=WAIT_S) == 0, log.read_text()  # the study is full: a dead worker is no failure
+        code = process.wait(timeout=WAIT_S)
+        assert code == 0, log_tail(log)  # the study is full: a dead worker is no failure
     finally:
         process.kill()
         process.wait()
@@ -137,10 +142,11 @@ def test_a_worker_killed_mid_trial_leaves_its_retry_to_the_other(
     assert len(retries) == 1 and len(trials) == 3
     retry = retries[0]
     assert retry.state == TrialState.COMPLETE and retry.params == victim.params
-    survivor = first.user_attrs["worker"]
-    assert retry.user_attrs["worker"] == survivor, "the surviving worker runs the retry"
-    assert [t.number for t in counted_trials(trials)] == sorted([first.number, retry.number])
-    assert trials[first.number].state == TrialState.COMPLETE
+    (other,) = [t for t in trials if t.number != victim.number and "retry_of" not in t.user_attrs]
+    assert other.state == TrialState.COMPLETE
+    survivor = retry.user_attrs["worker"]["pid"]
+    assert survivor != victim.user_attrs["worker"]["pid"] and survivor in workers, "the other worker runs the retry"
+    assert [t.number for t in counted_trials(trials)] == sorted([other.number, retry.number])
 
     parent, children = runs_of(tracking_uri, "survive")
     runs = {run.info.run_id: run for run in children}
