@@ -14,7 +14,6 @@ import json
 import math
 import multiprocessing
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -126,15 +125,18 @@ def stub_trainer(groups: Sequence[Group]) -> list[GroupOutcome]:
     ]
 
 
-def stub_worker(spec_file: Path, worker: int, status_dir: Path, parent_pid: int) -> None:
-    """A worker process (spawned): `run_worker` with the stub trainer, its output in its log as
-    `supervise`'s workers have it."""
+def stub_worker(spec_file: Path, worker: int, status_dir: Path) -> None:
+    """A worker process (forked from a server that imported the engine once): `run_worker` with the stub
+    trainer, its output in its log as `supervise`'s workers have it. It leaves with `os._exit`: what a worker
+    must record is recorded before `run_worker` returns, and tearing down an interpreter that imported torch,
+    MLflow and Optuna costs seconds a worker on 2 cores."""
     log = os.open(worker_log(status_dir.parent, worker), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
-    code = run_worker(spec_file, worker, status_dir, parent_pid, trainer=stub_trainer)
+    # its parent is the fork server, which exits with the test's process: the worker dies with it
+    code = run_worker(spec_file, worker, status_dir, os.getppid(), trainer=stub_trainer)
     print(f"run_worker returned {code} at {time.time():.2f}", flush=True)  # the rest of drain_s: exiting
-    sys.exit(code)
+    os._exit(code)
 
 
 def pool_limit(size: int | None, overflow: int | None) -> int:
@@ -283,9 +285,12 @@ def run_load(optuna_url: str, mlflow_url: str, folder: Path, workers: int, trial
     spec_file = status_dir / "study.json"  # the workers' spec, as `supervise` writes it
     spec_file.write_text(spec.model_copy(update={"tracking_uri": sweep.client.tracking_uri}).model_dump_json())
     databases = {"optuna": str(make_url(optuna_url).database), "mlflow": str(make_url(mlflow_url).database)}
-    context = multiprocessing.get_context("spawn")
+    # A fresh process that imports the engine once and forks each worker from it: not 8 interpreters importing
+    # torch, MLflow and Optuna at once on 2 cores (a minute and a half of the test's wall time, spawned).
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["tests.engine_load"])
     processes = [
-        context.Process(target=stub_worker, args=(spec_file, i, status_dir, os.getpid()), name=f"stub-worker-{i}")
+        context.Process(target=stub_worker, args=(spec_file, i, status_dir), name=f"stub-worker-{i}")
         for i in range(workers)
     ]
     with ConnectionCounter(optuna_url, databases).running() as counter:
