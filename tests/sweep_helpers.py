@@ -23,7 +23,7 @@ from tests.worker_logs import log_tail
 # Two log windows and two evaluations a trial: tiny, yet every hook runs.
 TINY_TRAIN = {"data": {"download": False}, "optim": {"batch_size": 16}, "steps": 4, "eval_every": 2, "log_every": 2}
 LAMBDA_SEARCH = {"loss.lambda_cat": {"type": "float", "low": 0.5, "high": 2.0, "log": True}}
-WAIT_S = 240.0
+WAIT_S = 480.0  # for a sweep to reach a state or end: generous, a loaded 2-core machine starts Python slowly
 # Pruning made deterministic: evaluations after the step-0 baseline at steps 2, 4, 6 (the pruner's steps 1, 2, 3), a
 # loss log at each; λ_cat = 0 leaves the digit code untrained, λ_cat = 2 lifts info/mi_cat by the first evaluation.
 N_WARMUP_STEPS = 2

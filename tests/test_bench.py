@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from harness.cli import main
 from harness.config import TrainConfig
 from harness.latent import LatentSpec
-from harness.pack import initial_model
+from harness.seeding import initial_model
 
 BATCH = 4
 PAPER_TRIAL_IMAGES = 5000 * 128  # the official MNIST run: 5,000 steps at batch 128
