@@ -9,8 +9,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +38,7 @@ from tests.sweep_helpers import (
     runs_of,
     sweep_args,
     trials_of,
+    wait_for,
     write_study,
 )
 
@@ -57,15 +56,6 @@ def start_sweep(args: list[str], cwd: Path, log: Path, env: dict[str, str] | Non
     with log.open("wb") as out:
         command = [sys.executable, "-m", "harness.cli", *args]
         return subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
-
-
-def wait_for(condition: Callable[[], bool], process: subprocess.Popen[bytes], log: Path) -> None:
-    """Poll `condition` while the sweep runs, for up to WAIT_S."""
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert process.poll() is None, f"sweep exited early ({process.returncode}):\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"timed out:\n{log.read_text()}"
-        time.sleep(0.2)
 
 
 def running_trials(storage: str, name: str, tracking_uri: str) -> list[FrozenTrial]:
