@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from harness.config import TrainConfig
-from harness.evaluate import Evaluation
+from harness.evaluate import TRAVERSAL_ROWS, Evaluation, to_grid
 from harness.latent import LatentSpec
 from harness.metric_names import PROPERTIES, is_logged
 from harness.model import InfoGAN
@@ -116,3 +117,13 @@ def test_batchnorm_uses_default_eps(tiny_cfg: TrainConfig) -> None:
     for model in (InfoGAN(spec.dim, spec.q_dim), PackedInfoGAN(2, spec.dim, spec.q_dim)):
         norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         assert norms and all(m.eps == 1e-5 for m in norms)
+
+
+def test_a_traversal_grid_is_torchvisions_make_grid() -> None:
+    """`to_grid` lays images out as torchvision's make_grid (padding 2, white), without importing it at run time."""
+    from torchvision.utils import make_grid  # here only: the test modules import no torchvision otherwise
+
+    images = torch.rand(TRAVERSAL_ROWS * 10, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    images[0] = 0.0  # a black image shows where the padding is
+    expected = make_grid(images, nrow=10, padding=2, pad_value=1.0).mul(255).round().byte().permute(1, 2, 0)
+    assert np.array_equal(to_grid(images), expected.numpy())
