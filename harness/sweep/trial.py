@@ -142,9 +142,10 @@ def heartbeat(storage: RDBStorage, study: optuna.Study, number: int, interval_s:
 
 
 def free_memory() -> None:
-    """Release what a finished (or failed, e.g. out-of-memory) trial held, on the GPU too."""
-    gc.collect()
-    if torch.cuda.is_available():
+    """Release what a finished (or failed, e.g. out-of-memory) trial held on the GPU. On the CPU, reference
+    counting frees a trial's tensors as it ends; a full collection there costs ~0.5 s a trial for nothing."""
+    if torch.cuda.is_initialized():
+        gc.collect()
         torch.cuda.empty_cache()
 
 
