@@ -97,6 +97,9 @@ class LossConfig(Frozen):
     # learned std the Gaussian NLL sharpens as Q grows confident, so 0.1 bounds its pull.
     lambda_con: float = Field(0.1, ge=0)
     continuous_std: Literal["learned", "fixed"] = "learned"
+    # Instance noise (Sønderby et al. 2017): the std of Gaussian noise on D's real and fake inputs at step 1,
+    # annealed linearly to 0 at the last step; it keeps an early-winning D from starving G of gradient.
+    instance_noise: float = Field(0.0, ge=0)
 
 
 class OptimConfig(Frozen):
@@ -105,12 +108,24 @@ class OptimConfig(Frozen):
     beta1: float = Field(0.5, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
     batch_size: int = Field(128, ge=2)  # BatchNorm needs two or more
-    q_optimizer: Literal["d", "g"] = "d"  # Q's head steps with D's optimiser (official code) or G's
+    # Q's head steps with D's Adam in D's step (official code), with G's in G's step, or with an Adam of its
+    # own (lr_q, q_beta1, q_beta2) in G's step (the Morpho-MNIST InfoGAN: 1e-3, (0.5, 0.99)).
+    q_optimizer: Literal["d", "g", "own"] = "d"
+    lr_q: float = Field(1e-3, gt=0)  # q_optimizer own only
+    q_beta1: float = Field(0.5, ge=0, lt=1)
+    q_beta2: float = Field(0.99, ge=0, lt=1)
+
+
+class ModelConfig(Frozen):
+    # Spectral normalisation (Miyato et al. 2018) of every weight of D's layers (d: the trunk and D's head) or
+    # of D's and Q's (dq: InfoGAN-CR); BatchNorm stays where Table 1 has it.
+    spectral_norm: Literal["none", "d", "dq"] = "none"
 
 
 class TrainConfig(Frozen):
     data: DataConfig = DataConfig()
     codes: CodesConfig = CodesConfig()
+    model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     steps: int = Field(5000, gt=0)  # D+G updates; the official MNIST run
@@ -201,7 +216,7 @@ def load_train_config(path: Path | None = None, overrides: tuple[str, ...] = ())
     if path is not None:
         doc = read_yaml_mapping(path)
         source = str(path)
-        if "train" in doc and not set(doc) & {"data", "codes", "loss", "optim", "steps"}:
+        if "train" in doc and not set(doc) & {"data", "codes", "model", "loss", "optim", "steps"}:
             tree, prefix = dict(doc["train"] or {}), "train."
         else:
             tree = doc

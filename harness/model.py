@@ -3,9 +3,64 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 LEAK = 0.1  # lReLU slope of the paper
+SPECTRAL_NORM_EPS = 1e-12  # F.normalize's, as torch's spectral_norm
+
+
+def spectral_norms(weight: torch.Tensor, u: torch.Tensor, update: torch.Tensor | None) -> torch.Tensor:
+    """σ (P,): each member's largest singular value of its weight (P, out, in), estimated from its left
+    singular vector `u` (P, out). Where `update` (P,) is true, one power iteration first moves that member's
+    `u` in place (in training, as torch's spectral_norm does at every forward). σ carries the gradient."""
+    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+        w = weight.detach()
+        if update is not None:
+            v = F.normalize(torch.bmm(u.unsqueeze(1), w).squeeze(1), dim=1, eps=SPECTRAL_NORM_EPS)  # (P, in)
+            u_next = F.normalize(torch.bmm(w, v.unsqueeze(2)).squeeze(2), dim=1, eps=SPECTRAL_NORM_EPS)
+            u.copy_(torch.where(update.view(-1, 1), u_next, u))
+        v = F.normalize(torch.bmm(u.unsqueeze(1), w).squeeze(1), dim=1, eps=SPECTRAL_NORM_EPS)  # (P, in)
+        u = u.clone()  # kept for the backward pass, while the next forward steps the buffer
+    return torch.einsum("po,poi,pi->p", u, weight, v)  # uᵀ W v
+
+
+def spectrally_normed(layer: SNLinear | SNConv2d) -> torch.Tensor:
+    """The layer's weight, divided by its spectral norm where `layer.spectral` is on."""
+    if not layer.spectral:
+        return layer.weight
+    w = layer.weight.view(1, len(layer.weight), -1)  # (1, out, in·k·k)
+    update = torch.ones(1, dtype=torch.bool, device=w.device) if layer.training else None
+    return layer.weight / spectral_norms(w, layer.u.view(1, -1), update)
+
+
+class SNLinear(nn.Linear):
+    """nn.Linear, its weight spectrally normalised where `spectral` is on. The power iteration's vector `u`
+    (out,) is a buffer whether or not it is, so that state dicts line up across configs."""
+
+    u: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.spectral = False
+        self.register_buffer("u", torch.full((out_features,), out_features**-0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, spectrally_normed(self), self.bias)
+
+
+class SNConv2d(nn.Conv2d):
+    """A 4x4 stride-2 nn.Conv2d, spectrally normalised as SNLinear."""
+
+    u: torch.Tensor
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, 4, stride=2, padding=1, bias=bias)
+        self.spectral = False
+        self.register_buffer("u", torch.full((out_channels,), out_channels**-0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, spectrally_normed(self), self.bias)
 
 
 class Generator(nn.Module):
@@ -40,13 +95,13 @@ class Trunk(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Conv2d(1, 64, 4, stride=2, padding=1),  # 28 -> 14
+            SNConv2d(1, 64),  # 28 -> 14
             nn.LeakyReLU(LEAK),
-            nn.Conv2d(64, 128, 4, stride=2, padding=1, bias=False),  # 14 -> 7
+            SNConv2d(64, 128, bias=False),  # 14 -> 7
             nn.BatchNorm2d(128),
             nn.LeakyReLU(LEAK),
             nn.Flatten(),
-            nn.Linear(128 * 7 * 7, 1024, bias=False),
+            SNLinear(128 * 7 * 7, 1024, bias=False),
             nn.BatchNorm1d(1024),
             nn.LeakyReLU(LEAK),
         )
@@ -61,10 +116,10 @@ class QHead(nn.Module):
     def __init__(self, out_dim: int) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(1024, 128, bias=False),
+            SNLinear(1024, 128, bias=False),
             nn.BatchNorm1d(128),
             nn.LeakyReLU(LEAK),
-            nn.Linear(128, out_dim),
+            SNLinear(128, out_dim),
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -72,15 +127,20 @@ class QHead(nn.Module):
 
 
 class InfoGAN(nn.Module):
-    """G, and D and Q on one shared trunk."""
+    """G, and D and Q on one shared trunk; `spectral_norm` normalises D's layers (d) or D's and Q's (dq)."""
 
-    def __init__(self, latent_dim: int, q_dim: int) -> None:
+    def __init__(self, latent_dim: int, q_dim: int, spectral_norm: str = "none") -> None:
         super().__init__()
         self.generator = Generator(latent_dim)
         self.trunk = Trunk()
-        self.d_head = nn.Linear(1024, 1)
+        self.d_head = SNLinear(1024, 1)
         self.q_head = QHead(q_dim)
         self.apply(init_weights)
+        on = {"trunk": spectral_norm != "none", "d_head": spectral_norm != "none", "q_head": spectral_norm == "dq"}
+        for part, spectral in on.items():
+            for layer in getattr(self, part).modules():
+                if isinstance(layer, SNLinear | SNConv2d):
+                    layer.spectral = spectral
 
     def discriminate(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.trunk(images)  # (B, 1024)

@@ -1,6 +1,7 @@
 """The fused training step of a pack: P InfoGANs of one architecture (codes, noise, batch size) step as one
 model (`harness.packed_model`), each with its own seed (initial weights, batch order, latents), λs,
-`continuous_std`, learning rates, Adam betas and `q_optimizer`, all of them per-member tensors.
+`continuous_std`, learning rates, Adam betas, `q_optimizer`, spectral norm and instance noise, all of them
+per-member tensors.
 
 Each step is the official code's: D and Q (one trunk) take an Adam step on BCE(real) + BCE(fake) + λ·(-L_I) on
 detached fakes, then G takes one on BCE(D(G(z, c)) -> real) + λ·(-L_I), D's weights fixed. Members' losses are
@@ -54,6 +55,8 @@ class PackTrainer:
         self.dtype = self.model.d_head.weight.dtype  # float32; float64 where tests compare to the reference
         self.latent_rngs = [torch.Generator(device).manual_seed(cfg.seed) for cfg in configs]
         self.batch_rngs = [torch.Generator(device).manual_seed(cfg.seed + 2) for cfg in configs]
+        self.noise_rngs = [torch.Generator(device).manual_seed(cfg.seed + 3) for cfg in configs]
+        self.steps_done, self.total_steps = 0, configs[0].steps
         self.perms = torch.empty(len(configs), len(train_images), dtype=torch.long, device=device)  # (P, N)
         self.offset = len(train_images)  # into this epoch's permutations; a new epoch at the first step
         self.set_members(configs)
@@ -79,13 +82,20 @@ class PackTrainer:
         self.lambda_con = column([cfg.loss.lambda_con for cfg in configs])
         fixed = [cfg.loss.continuous_std == "fixed" for cfg in configs]
         self.fixed_std = torch.tensor(fixed, device=device).view(members, 1, 1)
-        # Q's head steps with D's Adam (q_optimizer d) in D's step, or with G's (g) in G's step.
+        # Q's head steps with D's Adam (q_optimizer d) in D's step, or in G's step with G's (g) or its own (own).
         q_with_d = [cfg.optim.q_optimizer == "d" for cfg in configs]
         self.q_in_d = any(q_with_d)
         self.q_in_g = not all(q_with_d)
         mixed = self.q_in_d and self.q_in_g
         self.q_mask_d = column([float(d) for d in q_with_d]) if mixed else None
         self.q_mask_g = column([float(not d) for d in q_with_d]) if mixed else None
+        self.model.set_spectral_norm([cfg.model.spectral_norm for cfg in configs])
+        self.instance_noise = [cfg.loss.instance_noise for cfg in configs]
+        # Instance noise: each member's draws for real and fake images (P, 2, B, 28, 28) and its std at this step.
+        noise_shape = (members, 2, self.batch_size, 28, 28)
+        noisy = any(std > 0 for std in self.instance_noise)
+        self.noise = torch.zeros(noise_shape, dtype=self.dtype, device=device) if noisy else None
+        self.noise_std = column([0.0] * members)
         self.images = torch.empty(self.batch_size, members, 28, 28, dtype=torch.uint8, device=device)  # (B, P, 28, 28)
         self.draws = self.spec.empty_draws(members, self.batch_size, device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -97,9 +107,12 @@ class PackTrainer:
         rates = {
             "lr_d": [o.lr_d for o in optims],
             "lr_g": [o.lr_g for o in optims],
-            "lr_q": [o.lr_d if o.q_optimizer == "d" else o.lr_g for o in optims],
+            "lr_q": [{"d": o.lr_d, "g": o.lr_g, "own": o.lr_q}[o.q_optimizer] for o in optims],
         }
-        return BatchedAdam.create(params, rates[lr], [o.beta1 for o in optims], [o.beta2 for o in optims])
+        own = [lr == "lr_q" and o.q_optimizer == "own" for o in optims]  # Q's own Adam: its own betas
+        beta1 = [o.q_beta1 if q else o.beta1 for o, q in zip(optims, own, strict=True)]
+        beta2 = [o.q_beta2 if q else o.beta2 for o, q in zip(optims, own, strict=True)]
+        return BatchedAdam.create(params, rates[lr], beta1, beta2)
 
     def d_params(self) -> list[torch.Tensor]:
         return [*self.model.trunk.parameters(), *self.model.d_head.parameters()]
@@ -137,6 +150,13 @@ class PackTrainer:
         self.offset += batch
         for member, rng in enumerate(self.latent_rngs):
             self.spec.draw(self.draws, member, rng)
+        if self.noise is not None:  # annealed linearly from its std at step 1 to 0 after the last
+            fraction_left = 1 - self.steps_done / self.total_steps
+            self.noise_std.copy_(torch.tensor([std * fraction_left for std in self.instance_noise]))
+            for member, (rng, std) in enumerate(zip(self.noise_rngs, self.instance_noise, strict=True)):
+                if std > 0:
+                    torch.randn(self.noise[member].shape, generator=rng, out=self.noise[member])
+        self.steps_done += 1
 
     def capture(self) -> None:
         """Capture `fused_step` on the static buffers as a CUDA graph; where capture fails, step eagerly."""
@@ -155,6 +175,9 @@ class PackTrainer:
         real = self.images.to(self.dtype).div_(255)  # (B, P, 28, 28) in [0, 1]: member p's batch in channel p
         with self.autocast:
             fake = self.model.generator(latent.vector)  # (B, P, 28, 28)
+        if self.noise is not None:  # what D and Q see: each member's images plus its instance noise
+            noise = self.noise.permute(1, 2, 0, 3, 4) * self.noise_std.view(1, 1, -1, 1, 1)  # (2, B, P, 28, 28)
+            real, fake = real + noise[0], fake + noise[1].to(fake.dtype)
         loss_d = self.step_d(real, fake, latent)
         loss_g, loss_info, ce, nll = self.step_g(fake, latent)
         return torch.cat([torch.stack([loss_d, loss_g, loss_info, nll], dim=1), ce], dim=1).detach()
@@ -226,6 +249,7 @@ class PackTrainer:
         self.model = self.model.select(keep)
         self.latent_rngs = [self.latent_rngs[m] for m in keep]
         self.batch_rngs = [self.batch_rngs[m] for m in keep]
+        self.noise_rngs = [self.noise_rngs[m] for m in keep]
         self.perms = self.perms[list(keep)]
         self.set_members([self.configs[m] for m in keep])
         self.opt_d = self.opt_d.select(keep, self.d_params())

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.model import LEAK
+from harness.model import LEAK, spectral_norms
 
 
 class ContiguousGrad(torch.autograd.Function):
@@ -31,28 +31,63 @@ class ContiguousGrad(torch.autograd.Function):
 
 
 class PackedLinear(nn.Module):
-    """P independent `nn.Linear(in_features, out_features)`: (B, P·in) -> (B, P·out), one batched matmul."""
+    """P independent `nn.Linear(in_features, out_features)`: (B, P·in) -> (B, P·out), one batched matmul.
+    `spectral`: a layer of D or Q, with `harness.model.SNLinear`'s buffer and each member's spectral norm."""
 
-    def __init__(self, members: int, in_features: int, out_features: int, bias: bool) -> None:
+    u: torch.Tensor  # registered where `spectral`
+
+    def __init__(self, members: int, in_features: int, out_features: int, bias: bool, spectral: bool = False) -> None:
         super().__init__()
         self.members, self.in_features, self.out_features = members, in_features, out_features
         self.weight = nn.Parameter(torch.empty(members * out_features, in_features))  # member p: rows p·out...
         self.bias = nn.Parameter(torch.empty(members * out_features)) if bias else None
+        self.spectral: torch.Tensor | None = None
+        if spectral:
+            self.register_buffer("u", torch.full((members * out_features,), out_features**-0.5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = member_normed_weight(self)
         if self.members == 1:  # nn.Linear's own kernel and layouts: no permuted views, as fast as unpacked
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, weight, self.bias)
         batch, members = x.shape[0], self.members
         # y^T = W x^T per member, so that W's gradient comes out in W's layout (P, out, in), not transposed.
         # x's gradient comes out (P, in, B), a transposed view of (B, P·in): made contiguous once here, so that
         # the layers below (BatchNorm's and the activations' backward) run on contiguous gradients.
         x_t = ContiguousGrad.apply(x).view(batch, members, self.in_features).permute(1, 2, 0)  # (P, in, B)
-        weight = self.weight.view(members, self.out_features, self.in_features)  # (P, out, in)
+        weight = weight.view(members, self.out_features, self.in_features)  # (P, out, in)
         if self.bias is None:
             y_t = torch.bmm(weight, x_t)  # (P, out, B)
         else:
             y_t = torch.baddbmm(self.bias.view(members, self.out_features, 1), weight, x_t)
         return y_t.permute(2, 0, 1).reshape(batch, members * self.out_features)  # (B, P·out)
+
+
+class PackedConv2d(nn.Conv2d):
+    """P `harness.model.SNConv2d` (4x4, stride 2, padding 1) as one grouped convolution, each member's weight
+    spectrally normalised where `spectral` (P,) is on."""
+
+    u: torch.Tensor
+
+    def __init__(self, members: int, in_channels: int, out_channels: int, bias: bool = True) -> None:
+        super().__init__(members * in_channels, members * out_channels, 4, 2, 1, bias=bias, groups=members)
+        self.members = members
+        self.spectral: torch.Tensor | None = None
+        self.register_buffer("u", torch.full((members * out_channels,), out_channels**-0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, member_normed_weight(self), self.bias)
+
+
+def member_normed_weight(layer: PackedLinear | PackedConv2d) -> torch.Tensor:
+    """The layer's weight, each member's block divided by its own spectral norm where `layer.spectral` (P,) is
+    on (None: none is); in training, those members' power iterations step."""
+    if layer.spectral is None:
+        return layer.weight
+    members = layer.members
+    w = layer.weight.view(members, len(layer.weight) // members, -1)  # (P, out, in·k·k)
+    sigma = spectral_norms(w, layer.u.view(members, -1), layer.spectral if layer.training else None)  # (P,)
+    scale = torch.where(layer.spectral, sigma, torch.ones_like(sigma))  # 1 where it is off
+    return (w / scale.view(-1, 1, 1)).view_as(layer.weight)
 
 
 class PackedGenerator(nn.Module):
@@ -89,13 +124,13 @@ class PackedTrunk(nn.Module):
     def __init__(self, members: int) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Conv2d(members, members * 64, 4, stride=2, padding=1, groups=members),
+            PackedConv2d(members, 1, 64),
             nn.LeakyReLU(LEAK),
-            nn.Conv2d(members * 64, members * 128, 4, stride=2, padding=1, bias=False, groups=members),
+            PackedConv2d(members, 64, 128, bias=False),
             nn.BatchNorm2d(members * 128),
             nn.LeakyReLU(LEAK),
             nn.Flatten(),  # (B, P·128·7·7): member p's 6272 features in a block, as Trunk flattens them
-            PackedLinear(members, 128 * 7 * 7, 1024, bias=False),
+            PackedLinear(members, 128 * 7 * 7, 1024, bias=False, spectral=True),
             nn.BatchNorm1d(members * 1024),
             nn.LeakyReLU(LEAK),
         )
@@ -111,10 +146,10 @@ class PackedQHead(nn.Module):
         super().__init__()
         self.members, self.out_dim = members, out_dim
         self.layers = nn.Sequential(
-            PackedLinear(members, 1024, 128, bias=False),
+            PackedLinear(members, 1024, 128, bias=False, spectral=True),
             nn.BatchNorm1d(members * 128),
             nn.LeakyReLU(LEAK),
-            PackedLinear(members, 128, out_dim, bias=True),
+            PackedLinear(members, 128, out_dim, bias=True, spectral=True),
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -130,8 +165,18 @@ class PackedInfoGAN(nn.Module):
         self.members, self.latent_dim, self.q_dim = members, latent_dim, q_dim
         self.generator = PackedGenerator(members, latent_dim)
         self.trunk = PackedTrunk(members)
-        self.d_head = PackedLinear(members, 1024, 1, bias=True)
+        self.d_head = PackedLinear(members, 1024, 1, bias=True, spectral=True)
         self.q_head = PackedQHead(members, q_dim)
+
+    def set_spectral_norm(self, spectral_norm: Sequence[str]) -> None:
+        """Each member's `model.spectral_norm`: none, d (D's layers: the trunk and D's head) or dq (and Q's)."""
+        device = self.d_head.weight.device
+        d_on = torch.tensor([sn != "none" for sn in spectral_norm], device=device)
+        q_on = torch.tensor([sn == "dq" for sn in spectral_norm], device=device)
+        for part, on in ((self.trunk, d_on), (self.d_head, d_on), (self.q_head, q_on)):
+            for layer in part.modules():
+                if isinstance(layer, PackedLinear | PackedConv2d):
+                    layer.spectral = on if bool(on.any()) else None
 
     @classmethod
     def from_states(

@@ -23,4 +23,4 @@ def initial_model(cfg: TrainConfig, device: torch.device) -> InfoGAN:
     """The InfoGAN `cfg` starts from: its weights come from `cfg.seed` alone."""
     seed_everything(cfg.seed)
     spec = LatentSpec.from_config(cfg.codes)
-    return InfoGAN(spec.dim, spec.q_dim).to(device)
+    return InfoGAN(spec.dim, spec.q_dim, cfg.model.spectral_norm).to(device)

@@ -22,17 +22,24 @@ class ReferenceTrainer:
         self.cfg, self.device, self.train_images = cfg, device, train_images
         self.spec = LatentSpec.from_config(cfg.codes)
         seed_everything(cfg.seed)
-        self.model = InfoGAN(self.spec.dim, self.spec.q_dim).to(device)
-        betas = (cfg.optim.beta1, cfg.optim.beta2)
+        self.model = InfoGAN(self.spec.dim, self.spec.q_dim, cfg.model.spectral_norm).to(device)
+        optim = cfg.optim
+        betas = (optim.beta1, optim.beta2)
         model = self.model
-        q_with_d = cfg.optim.q_optimizer == "d"
-        d_parts = [model.trunk, model.d_head, *([model.q_head] if q_with_d else [])]
-        g_parts = [model.generator, *([] if q_with_d else [model.q_head])]
+        d_parts = [model.trunk, model.d_head, *([model.q_head] if optim.q_optimizer == "d" else [])]
+        g_parts = [model.generator, *([model.q_head] if optim.q_optimizer == "g" else [])]
         self.frozen_in_g_step = d_parts
-        self.opt_d = torch.optim.Adam([p for m in d_parts for p in m.parameters()], lr=cfg.optim.lr_d, betas=betas)
-        self.opt_g = torch.optim.Adam([p for m in g_parts for p in m.parameters()], lr=cfg.optim.lr_g, betas=betas)
+        self.opt_d = torch.optim.Adam([p for m in d_parts for p in m.parameters()], lr=optim.lr_d, betas=betas)
+        self.opt_g = torch.optim.Adam([p for m in g_parts for p in m.parameters()], lr=optim.lr_g, betas=betas)
+        self.opt_q = (  # Q's own Adam, stepped with G's
+            torch.optim.Adam(model.q_head.parameters(), lr=optim.lr_q, betas=(optim.q_beta1, optim.q_beta2))
+            if optim.q_optimizer == "own"
+            else None
+        )
         self.latent_rng = torch.Generator(device).manual_seed(cfg.seed)
         self.batch_rng = torch.Generator(device).manual_seed(cfg.seed + 2)
+        self.noise_rng = torch.Generator(device).manual_seed(cfg.seed + 3)
+        self.steps_done = 0
         self.batch_size = min(cfg.optim.batch_size, len(train_images))
         self.order = torch.empty(0, dtype=torch.long, device=device)
 
@@ -61,6 +68,11 @@ class ReferenceTrainer:
         real = self.next_batch().unsqueeze(1).to(torch.get_default_dtype()).div_(255)  # (B, 1, 28, 28)
         latent = self.sample()
         fake = self.model.generator(latent.vector)
+        std = self.cfg.loss.instance_noise * (1 - self.steps_done / self.cfg.steps)  # annealed to 0
+        self.steps_done += 1
+        if std > 0:
+            noise = torch.randn(2, len(real), 28, 28, generator=self.noise_rng, device=self.device)
+            real, fake = real + std * noise[0].unsqueeze(1), fake + std * noise[1].unsqueeze(1)
         loss_d = self.step_d(real, fake, latent)
         loss_g, loss_info, ce, nll = self.step_g(fake, latent)
         return torch.cat([torch.stack([loss_d, loss_g, loss_info, nll]), ce]).detach()
@@ -105,9 +117,12 @@ class ReferenceTrainer:
         loss_g = F.binary_cross_entropy_with_logits(d_fake, ones)
         ce, nll = self.info_terms(q_fake, latent)
         loss_info = self.info_loss(ce, nll)
-        self.opt_g.zero_grad(set_to_none=True)
+        optimisers = [self.opt_g, *([self.opt_q] if self.opt_q is not None else [])]
+        for optimiser in optimisers:
+            optimiser.zero_grad(set_to_none=True)
         (loss_g + loss_info).backward()
-        self.opt_g.step()
+        for optimiser in optimisers:
+            optimiser.step()
         for module in self.frozen_in_g_step:
             module.requires_grad_(True)
         return loss_g, loss_info, ce, nll

@@ -34,9 +34,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from harness.batched_adam import BatchedAdam
 from harness.config import TrainConfig
 from harness.data import bundled_mnist_folder, read_split_folder
-from harness.model import InfoGAN
+from harness.model import InfoGAN, SNConv2d
 from harness.pack import DivergenceError, PackTrainer
-from harness.packed_model import PackedInfoGAN, member_state, pack_states
+from harness.packed_model import PackedInfoGAN, PackedLinear, member_state, pack_states
 from harness.seeding import initial_model
 from tests.conftest import tiny_config
 from tests.reference import ReferenceTrainer
@@ -222,15 +222,15 @@ def step_apart(pack: PackTrainer) -> list[dict[str, dict[str, torch.Tensor]]]:
 
 
 def test_q_head_steps_with_each_members_chosen_optimiser(tmp_path: Path, images: torch.Tensor) -> None:
-    """`optim.q_optimizer`, per member in one pack: Q's head moves in D's step (`d`) or in G's (`g`)."""
-    pack = make_pack(
-        [tiny_config(tmp_path, "optim.q_optimizer=d"), tiny_config(tmp_path, "optim.q_optimizer=g")], images
-    )
-    with_d, with_g = step_apart(pack)
+    """`optim.q_optimizer`, per member in one pack: Q's head moves in D's step (`d`) or in G's (`g`, `own`)."""
+    choices = ("d", "g", "own")
+    pack = make_pack([tiny_config(tmp_path, f"optim.q_optimizer={q}") for q in choices], images)
+    with_d, with_g, with_own = step_apart(pack)
     assert moved(with_d["start"], with_d["after_d"]) == {"trunk", "d_head", "q_head"}
     assert moved(with_d["after_d"], with_d["end"]) == {"generator"}
-    assert moved(with_g["start"], with_g["after_d"]) == {"trunk", "d_head"}
-    assert moved(with_g["after_d"], with_g["end"]) == {"generator", "q_head"}
+    for member in (with_g, with_own):
+        assert moved(member["start"], member["after_d"]) == {"trunk", "d_head"}
+        assert moved(member["after_d"], member["end"]) == {"generator", "q_head"}
 
 
 @pytest.mark.parametrize("q_optimizer", ["d", "g"])
@@ -333,12 +333,17 @@ def test_the_step_does_the_unpacked_steps_arithmetic(tmp_path: Path, images: tor
 DISTINCT = (  # members that differ in every setting a member may, each lr_g ≠ its lr_d
     ("seed=3", "optim.lr_d=2e-4", "optim.lr_g=1e-3", "optim.beta1=0.5", "optim.beta2=0.999"),
     ("seed=4", "optim.lr_d=3e-4", "optim.lr_g=5e-4", "optim.beta1=0.7", "optim.beta2=0.99", "optim.q_optimizer=g"),
-    ("seed=5", "optim.lr_d=1e-4", "optim.lr_g=2e-3", "optim.beta1=0.3", "optim.beta2=0.95", "optim.q_optimizer=g"),
+    ("seed=5", "optim.lr_d=1e-4", "optim.lr_g=2e-3", "optim.beta1=0.3", "optim.beta2=0.95", "optim.q_optimizer=own"),
 )
 LOSSES = (
     ("loss.lambda_cat=1.0", "loss.lambda_con=0.1", "loss.continuous_std=learned"),
     ("loss.lambda_cat=0.5", "loss.lambda_con=1.0", "loss.continuous_std=fixed"),
     ("loss.lambda_cat=2.0", "loss.lambda_con=0.3", "loss.continuous_std=learned"),
+)
+RECIPES = (  # issue 15's: spectral norm, instance noise and Q's own Adam
+    ("model.spectral_norm=none", "loss.instance_noise=0"),
+    ("model.spectral_norm=d", "loss.instance_noise=0.2"),
+    ("model.spectral_norm=dq", "loss.instance_noise=0.1", "optim.lr_q=3e-3", "optim.q_beta1=0.6", "optim.q_beta2=0.9"),
 )
 F64_RTOL, F64_STEPS, F64_BATCH = 1e-9, 10, "optim.batch_size=8"  # float64 convolutions are slow on the CPU
 MOMENTS_RTOL = 1e-8  # Adam's moments: measured ≤ 6.6e-10, too near F64_RTOL to be reliable on other machines
@@ -372,7 +377,7 @@ def reference_moments(reference: ReferenceTrainer) -> dict[str, torch.Tensor]:
     """`pack_moments` of the unpacked trainer's torch.optim.Adam."""
     names = {id(p): name for name, p in reference.model.named_parameters()}
     moments = {}
-    for adam in (reference.opt_d, reference.opt_g):
+    for adam in (reference.opt_d, reference.opt_g, *([reference.opt_q] if reference.opt_q else [])):
         for param, state in adam.state.items():
             name = names[id(param)]
             moments |= {f"{name}/{key}": state[key] for key in ("exp_avg", "exp_avg_sq", "step")}
@@ -395,7 +400,7 @@ def test_in_float64_a_member_is_its_unpacked_run_to_rounding(
     """Members differing in every setting, F64_STEPS steps: each step's stats within F64_RTOL elementwise, the
     final weights and BatchNorm statistics within F64_RTOL in norm, Adam's moments within MOMENTS_RTOL, its step
     counts exactly."""
-    configs = [tiny_config(tmp_path, *a, *b, F64_BATCH) for a, b in zip(DISTINCT, LOSSES, strict=True)]
+    configs = [tiny_config(tmp_path, *o, F64_BATCH) for o in distinct_overrides()]
     pack = make_pack(configs, images)
     references = [ReferenceTrainer(cfg, images, CPU) for cfg in configs]
     for step in range(F64_STEPS):
@@ -413,27 +418,36 @@ def test_in_float64_a_member_is_its_unpacked_run_to_rounding(
 
 # -- each setting is its member's own --------------------------------------------------------------------------
 
-CHANGES = {  # a new value of each per-member setting, for member 1 of DISTINCT
-    "seed": "seed=9",
-    "lr_d": "optim.lr_d=4e-4",
-    "lr_g": "optim.lr_g=7e-4",
-    "beta1": "optim.beta1=0.8",
-    "beta2": "optim.beta2=0.9",
-    "lambda_cat": "loss.lambda_cat=1.5",
-    "lambda_con": "loss.lambda_con=0.2",
-    "continuous_std": "loss.continuous_std=learned",
-    "q_optimizer": "optim.q_optimizer=d",
+CHANGES = {  # a new value of each per-member setting, for member (changed) of DISTINCT
+    "seed": (1, "seed=9"),
+    "lr_d": (1, "optim.lr_d=4e-4"),
+    "lr_g": (1, "optim.lr_g=7e-4"),
+    "beta1": (1, "optim.beta1=0.8"),
+    "beta2": (1, "optim.beta2=0.9"),
+    "lambda_cat": (1, "loss.lambda_cat=1.5"),
+    "lambda_con": (1, "loss.lambda_con=0.2"),
+    "continuous_std": (1, "loss.continuous_std=learned"),
+    "q_optimizer": (1, "optim.q_optimizer=d"),
+    "lr_q": (2, "optim.lr_q=1e-3"),
+    "q_beta1": (2, "optim.q_beta1=0.8"),
+    "q_beta2": (2, "optim.q_beta2=0.99"),
+    "spectral_norm": (1, "model.spectral_norm=dq"),
+    "instance_noise": (1, "loss.instance_noise=0.4"),
 }
-CHANGED, CHANGE_STEPS, CHANGE_BATCH = 1, 2, "optim.batch_size=8"  # Adam's betas act from its second step on
+CHANGE_STEPS, CHANGE_BATCH = 2, "optim.batch_size=8"  # Adam's betas act from its second step on
+
+
+def distinct_overrides() -> list[tuple[str, ...]]:
+    return [(*a, *b, *c) for a, b, c in zip(DISTINCT, LOSSES, RECIPES, strict=True)]
 
 
 def run_distinct(
-    tmp_path: Path, images: torch.Tensor, change: str = ""
+    tmp_path: Path, images: torch.Tensor, changed: int = 0, change: str = ""
 ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
-    """DISTINCT members for CHANGE_STEPS steps, member CHANGED with `change`: stats (P, steps, stats) and
+    """DISTINCT members for CHANGE_STEPS steps, member `changed` with `change`: stats (P, steps, stats) and
     each member's final state dict."""
-    overrides = [(*a, *b, CHANGE_BATCH) for a, b in zip(DISTINCT, LOSSES, strict=True)]
-    overrides[CHANGED] = (*overrides[CHANGED], *([change] if change else []))
+    overrides = [(*o, CHANGE_BATCH) for o in distinct_overrides()]
+    overrides[changed] = (*overrides[changed], *([change] if change else []))
     pack = make_pack([tiny_config(tmp_path, *o) for o in overrides], images)
     stats = torch.stack([pack.step() for _ in range(CHANGE_STEPS)], dim=1)
     return stats, [{k: v.clone() for k, v in pack.member_state(m).items()} for m in range(pack.members)]
@@ -454,11 +468,58 @@ def test_a_setting_changes_its_member_only(
     unchanged: tuple[torch.Tensor, list[dict[str, torch.Tensor]]],
     setting: str,
 ) -> None:
-    """Member CHANGED with another `setting`: its stats and weights move, the other members' stay bit for bit."""
-    stats, states = run_distinct(tmp_path, images, CHANGES[setting])
+    """A member with another `setting`: its weights move (a Q beta acts on its second update, the step's last
+    move: on no loss of these steps), the other members' stats and weights stay bit for bit."""
+    changed, change = CHANGES[setting]
+    stats, states = run_distinct(tmp_path, images, changed, change)
     before_stats, before_states = unchanged
-    for m in {0, 1, 2} - {CHANGED}:
+    for m in {0, 1, 2} - {changed}:
         assert torch.equal(stats[m], before_stats[m]), f"member {m}'s stats"
         assert all(torch.equal(states[m][k], before_states[m][k]) for k in states[m]), f"member {m}'s weights"
-    assert not torch.equal(stats[CHANGED], before_stats[CHANGED])
-    assert any(not torch.equal(states[CHANGED][k], before_states[CHANGED][k]) for k in states[CHANGED])
+    assert any(not torch.equal(states[changed][k], before_states[changed][k]) for k in states[changed])
+
+
+# -- the recipes' arithmetic ------------------------------------------------------------------------------------
+
+
+def test_spectral_norm_divides_each_members_weight_by_its_own_largest_singular_value() -> None:
+    """Two members' weights diag(3, 1) and diag(0.5, 2): after power iterations, weights diag(1, 1/3) and
+    diag(0.25, 1); a third member without spectral norm keeps its weight."""
+    layer = PackedLinear(3, 2, 2, bias=False, spectral=True)
+    with torch.no_grad():
+        layer.weight.copy_(torch.cat([torch.diag(torch.tensor(d)) for d in ([3.0, 1.0], [0.5, 2.0], [4.0, 1.0])]))
+    layer.spectral = torch.tensor([True, True, False])
+    for _ in range(20):  # each training forward steps the power iteration
+        layer(torch.zeros(1, 6))
+    normed = layer(torch.eye(6)[[0, 1, 2, 3, 4, 5]]).detach()  # row i: the weights' column i, member-blocked
+    expected = torch.block_diag(torch.diag(torch.tensor([1, 1 / 3])), torch.diag(torch.tensor([0.25, 1.0])))
+    torch.testing.assert_close(normed[:4, :4], expected)
+    torch.testing.assert_close(normed[4:, 4:], torch.diag(torch.tensor([4.0, 1.0])))
+
+
+def test_spectral_norm_matches_torchs_on_the_unpacked_layer() -> None:
+    """SNConv2d with `spectral` on against torch.nn.utils.parametrizations.spectral_norm, both converged."""
+    torch.manual_seed(0)
+    ours = SNConv2d(3, 5)
+    ours.spectral = True
+    theirs = torch.nn.utils.parametrizations.spectral_norm(torch.nn.Conv2d(3, 5, 4, 2, 1), n_power_iterations=50)
+    with torch.no_grad():
+        theirs.parametrizations.weight.original.copy_(ours.weight)
+        theirs.bias.copy_(ours.bias)
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(50):
+        ours(x)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+
+
+def test_instance_noise_anneals_linearly_to_zero(tmp_path: Path, images: torch.Tensor) -> None:
+    """Std 0.4 over 4 steps: 0.4, 0.3, 0.2, 0.1 at steps 1-4; a member without noise draws none."""
+    configs = [tiny_config(tmp_path, "steps=4", "loss.instance_noise=0.4"), tiny_config(tmp_path, "steps=4")]
+    pack = make_pack(configs, images)
+    assert pack.noise is not None
+    stds = []
+    for _ in range(4):
+        pack.next_batch()
+        stds.append(pack.noise_std.tolist())
+        assert pack.noise[1].eq(0).all() and pack.noise[0].std().item() == pytest.approx(1, abs=0.05)
+    torch.testing.assert_close(torch.tensor(stds), torch.tensor([[0.4, 0.0], [0.3, 0.0], [0.2, 0.0], [0.1, 0.0]]))
