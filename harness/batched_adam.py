@@ -83,6 +83,23 @@ class BatchedAdam:
             denom = v.sqrt().div_(bias_correction2_sqrt).add_(EPS).div_(-step_size)  # -inf where it stays
             p.addcdiv_(m, denom)  # p - step_size·m / (√v̂ + ε)
 
+    def member_state(self, member: int) -> dict[str, list[torch.Tensor]]:
+        """Member `member`'s moments (one per parameter) and its per-member scalars, copied out of the pack."""
+        return {
+            "exp_avg": [t.unflatten(0, (self.count, -1))[member].clone() for t in self.exp_avg],
+            "exp_avg_sq": [t.unflatten(0, (self.count, -1))[member].clone() for t in self.exp_avg_sq],
+            "members": [self.members[name][member].clone() for name in sorted(self.members)],
+        }
+
+    @torch.no_grad()
+    def load_member_state(self, member: int, state: dict[str, list[torch.Tensor]]) -> None:
+        """Put a `member_state` back into member `member`'s place, exactly."""
+        for mine, saved in ((self.exp_avg, state["exp_avg"]), (self.exp_avg_sq, state["exp_avg_sq"])):
+            for tensor, value in zip(mine, saved, strict=True):
+                tensor.unflatten(0, (self.count, -1))[member].copy_(value)
+        for name, value in zip(sorted(self.members), state["members"], strict=True):
+            self.members[name][member].copy_(value)
+
     def select(self, keep: Sequence[int], params: Sequence[torch.Tensor]) -> BatchedAdam:
         """This optimiser's state for the members `keep` (indices, in that order), over `params`: the same
         parameters in a pack of those members."""

@@ -50,6 +50,9 @@ def main() -> None:
 @click.option("--experiment", default="train", show_default=True, help="MLflow experiment name.")
 @click.option("--run-name", default=None, help="MLflow run name.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option(
+    "--resume", "resume_run", default=None, metavar="RUN_ID", help="Go on with this run from its latest checkpoint."
+)
 def train_command(
     config: Path | None,
     overrides: tuple[str, ...],
@@ -57,17 +60,29 @@ def train_command(
     experiment: str,
     run_name: str | None,
     quiet: bool,
+    resume_run: str | None,
 ) -> None:
-    """Train one InfoGAN and log it to MLflow."""
+    """Train one InfoGAN and log it to MLflow, or go on with a stopped run (--resume) in that run."""
     from harness import run_logging, tracking
     from harness.config import load_train_config
     from harness.progress import ProgressBar, progress_display
     from harness.train import train
 
-    cfg = load_train_config(config, overrides)
-    client = tracking.client_for(tracking_uri)
-    with run_logging.tracked_run(client, experiment, run_name) as run, progress_display(quiet) as progress:
-        result = train(cfg, [run, ProgressBar(progress)])
+    checkpoint, resumed = None, None
+    if resume_run is None:
+        cfg = load_train_config(config, overrides)  # bad input stops before the store is touched
+        client = tracking.client_for(tracking_uri)
+    elif config is not None or overrides:
+        raise ConfigError("--resume", resume_run, "takes neither a config file nor --set: the run has its config")
+    else:
+        client = tracking.client_for(tracking_uri)
+        cfg, checkpoint = run_logging.resume_point(client, resume_run)
+        resumed = (resume_run, checkpoint["step"])
+    with (
+        run_logging.tracked_run(client, experiment, run_name, resumed=resumed) as run,
+        progress_display(quiet) as progress,
+    ):
+        result = train(cfg, [run, ProgressBar(progress)], resume=checkpoint)
         run.log_weights(result.weights)
     summary = {k: round(v, 4) for k, v in result.metrics.items() if k.startswith("eval/")}
     click.echo(f"run {run.run_id} finished in {result.seconds:.0f}s on {result.info.device}: {json.dumps(summary)}")

@@ -131,6 +131,8 @@ class TrainConfig(Frozen):
     steps: int = Field(5000, gt=0)  # D+G updates; the official MNIST run
     eval_every: int = Field(500, gt=0)
     log_every: int = Field(25, gt=0)
+    # Steps between checkpoints (what a stopped run goes on from): null, at each evaluation; 0, none.
+    checkpoint_every: int | None = Field(None, ge=0)
     seed: int = Field(0, ge=0)
     device: str = "auto"
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -243,6 +244,35 @@ class PackTrainer:
     def member_state(self, member: int) -> dict[str, torch.Tensor]:
         """Member `member`'s InfoGAN state dict (views into the pack: load it, do not keep it)."""
         return member_state(self.model.state_dict(), self.members, member)
+
+    def member_checkpoint(self, member: int) -> dict[str, object]:
+        """All that member `member` needs to go on exactly where it is: its weights and BatchNorm statistics,
+        its three Adams' states, its generators, its epoch's batch order and the position in it."""
+        optimisers = {"d": self.opt_d, "g": self.opt_g, "q": self.opt_q}
+        return {
+            "model": {k: v.detach().clone().cpu() for k, v in self.member_state(member).items()},
+            "adam": {name: opt.member_state(member) for name, opt in optimisers.items()},
+            "generators": {
+                "latent": self.latent_rngs[member].get_state(),
+                "batch": self.batch_rngs[member].get_state(),
+                "noise": self.noise_rngs[member].get_state(),
+            },
+            "order": self.perms[member].cpu().clone(),
+            "offset": self.offset,
+            "steps_done": self.steps_done,
+        }
+
+    def load_member_checkpoint(self, member: int, checkpoint: dict[str, Any]) -> None:
+        """Put a `member_checkpoint` (its weights loaded already, as the pack was made) back in place."""
+        optimisers = {"d": self.opt_d, "g": self.opt_g, "q": self.opt_q}
+        for name, opt in optimisers.items():
+            opt.load_member_state(member, checkpoint["adam"][name])
+        generators = checkpoint["generators"]
+        self.latent_rngs[member].set_state(generators["latent"])
+        self.batch_rngs[member].set_state(generators["batch"])
+        self.noise_rngs[member].set_state(generators["noise"])
+        self.perms[member].copy_(checkpoint["order"])
+        self.offset, self.steps_done = checkpoint["offset"], checkpoint["steps_done"]
 
     def select(self, keep: Sequence[int]) -> None:
         """Go on with the members `keep` (indices) only, each where it is; the others cost nothing from here."""

@@ -1,6 +1,6 @@
 """Train InfoGANs: `train(cfg, listeners) -> TrainResult` trains one; `train_pack(groups)` trains several in
-lockstep, evaluated at the same steps (a trial's seeds). Knows neither MLflow nor Optuna: each log window and
-each evaluation goes to the listeners."""
+lockstep, evaluated at the same steps (a trial's seeds). Knows neither MLflow nor Optuna: each log window, each
+evaluation and each checkpoint goes to the listeners; a group may go on from its members' checkpoints."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from harness.checkpoint import check_checkpoint, member_checkpoint, set_global_generators
 from harness.config import TrainConfig, flatten
 from harness.data import load_dataset
 from harness.device import resolve_device
@@ -47,6 +49,9 @@ class TrainListener:
 
     def on_eval(self, evaluation: Evaluation) -> None: ...
 
+    def on_checkpoint(self, step: int, checkpoint: dict[str, Any]) -> None:
+        """All the member needs to go on from `step` (`harness.checkpoint`), to keep; torch.save-able."""
+
 
 class GroupListener:
     """Sees each round of a group of pack members trained together (a trial's seeds): the log values, or the
@@ -65,11 +70,13 @@ class GroupListener:
 @dataclass(frozen=True)
 class Group:
     """Members that stand or fall together: one config each (e.g. one seed each), each member's own
-    listeners, and the listeners of the group's rounds."""
+    listeners, the listeners of the group's rounds, and the checkpoints it goes on from (one per member, all
+    of one step; `harness.checkpoint.check_checkpoint` has checked them) or none."""
 
     configs: Sequence[TrainConfig]
     listeners: Sequence[Sequence[TrainListener]]
     watchers: Sequence[GroupListener] = ()
+    resume: Sequence[dict[str, Any]] = ()
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,16 @@ class GroupOutcome:
     error: Exception | None  # what stopped it: a listener's exception (a pruned trial), a diverging loss
 
 
-SHARED_KEYS = ("data", "codes", "optim.batch_size", "steps", "eval_every", "log_every", "device")  # across a pack
+SHARED_KEYS = (  # across a pack
+    "data",
+    "codes",
+    "optim.batch_size",
+    "steps",
+    "eval_every",
+    "log_every",
+    "checkpoint_every",
+    "device",
+)
 
 
 class Member:
@@ -86,11 +102,18 @@ class Member:
     its every metric's last value, and an InfoGAN into which the pack's state of it is loaded for evaluation
     and for the final weights."""
 
-    def __init__(self, cfg: TrainConfig, held_out: HeldOut, device: torch.device) -> None:
+    def __init__(
+        self, cfg: TrainConfig, held_out: HeldOut, device: torch.device, checkpoint: dict[str, Any] | None = None
+    ) -> None:
         self.cfg = cfg
         self.model = initial_model(cfg, device)  # the initial weights, from its seed
-        self.evaluate = Evaluator(LatentSpec.from_config(cfg.codes), held_out, cfg.seed, device)
+        self.evaluate = Evaluator(LatentSpec.from_config(cfg.codes), held_out, cfg.seed, device)  # drawn again
         self.last: dict[str, float] = {}
+        self.checkpoint = checkpoint
+        if checkpoint is not None:  # where it stopped: its weights and statistics, its metrics' last values
+            check_checkpoint(checkpoint, cfg, self.model.state_dict())
+            self.model.load_state_dict(checkpoint["pack"]["model"])
+            self.last.update(checkpoint["last"])
 
     def evaluation(self, state: dict[str, torch.Tensor], step: int) -> Evaluation:
         self.model.load_state_dict(state)
@@ -140,6 +163,12 @@ class PackRun:
         self.pack = (
             PackTrainer([m.cfg for m in models], [m.model for m in models], train_images, device) if models else None
         )
+        self.step = 0  # where training goes on from: 0, or the step of the members' checkpoints
+        for slot, member in enumerate(models):
+            if member.checkpoint is not None and self.pack is not None:
+                self.pack.load_member_checkpoint(slot, member.checkpoint["pack"])
+                set_global_generators(member.checkpoint["generators"])  # the process's, alike in every member's
+                self.step = member.checkpoint["step"]
 
     def each_live(self, work: Callable[[int, Group], None]) -> None:
         """Run `work` for each group still training; an exception stops that group alone."""
@@ -160,7 +189,9 @@ class PackRun:
         for watcher in group.watchers:
             watcher.on_start(self.info, group.configs)
         device = torch.device(self.info.device)
-        self.members[g] = [Member(cfg, self.held_out, device) for cfg in group.configs]
+        resume: list[dict[str, Any] | None] = list(group.resume) or [None] * len(group.configs)
+        pairs = zip(group.configs, resume, strict=True)
+        self.members[g] = [Member(cfg, self.held_out, device, checkpoint) for cfg, checkpoint in pairs]
 
     def state(self, g: int, i: int) -> dict[str, torch.Tensor]:
         """Member i of group g's InfoGAN state, out of the pack."""
@@ -193,6 +224,30 @@ class PackRun:
                     listener.on_log(step, member_values)
             for watcher in group.watchers:
                 watcher.on_log_round(step, values)
+
+        self.each_live(work)
+
+    def restored_window(self) -> tuple[torch.Tensor | None, int]:
+        """The half-filled log window the checkpoints held: each member's summed stats (P, stats), and its steps."""
+        assert self.pack is not None
+        checkpoints = [self.members[g][i].checkpoint for g, i in self.slots]
+        windows = [c["window"] for c in checkpoints if c is not None]
+        if not windows or windows[0]["sum"] is None:
+            return None, 0
+        return torch.stack([w["sum"] for w in windows]).to(self.pack.device), windows[0]["steps"]
+
+    def checkpoint(self, step: int, window: torch.Tensor | None, window_steps: int) -> None:
+        """Each live member's checkpoint at `step`, to its listeners."""
+
+        def work(g: int, group: Group) -> None:
+            assert self.pack is not None
+            for i, (member, listeners) in enumerate(zip(self.members[g], group.listeners, strict=True)):
+                slot = self.slots.index((g, i))
+                state = self.pack.member_checkpoint(slot)
+                row = None if window is None else window[slot]
+                checkpoint = member_checkpoint(member.cfg, step, state, row, window_steps, member.last)
+                for listener in listeners:
+                    listener.on_checkpoint(step, checkpoint)
 
         self.each_live(work)
 
@@ -235,13 +290,18 @@ def train_pack(groups: Sequence[Group]) -> list[GroupOutcome]:
     data = load_dataset(shared.data).to(device)
     info = RunInfo(str(device), data.source, data.location, len(data.train_images), len(data.test_images))
     held_out = held_out_for(data, device, with_properties=shared.codes.continuous > 0)
+    starts = {c["step"] for group in groups for c in group.resume} | {0 for group in groups if not group.resume}
+    if len(starts) > 1:
+        raise ValueError(f"the groups of a pack go on from one step, not from steps {sorted(starts)}")
     run = PackRun(groups, info, held_out, data.train_images)
-    # A step-0 evaluation: the chance-level baseline; it also makes eval/* each run's first metrics,
-    # which the MLflow compare view picks by default.
-    run.evaluate(0)
-    window: torch.Tensor | None = None  # (P, stats): the step stats summed over the log window
-    window_steps, window_start, window_paused = 0, time.perf_counter(), 0.0
-    for step in range(1, shared.steps + 1):
+    if run.step == 0:
+        # A step-0 evaluation: the chance-level baseline; it also makes eval/* each run's first metrics,
+        # which the MLflow compare view picks by default.
+        run.evaluate(0)
+    window, window_steps = run.restored_window() if run.step else (None, 0)  # (P, stats): stats summed over the window
+    window_start, window_paused = time.perf_counter(), 0.0
+    every = shared.eval_every if shared.checkpoint_every is None else shared.checkpoint_every
+    for step in range(run.step + 1, shared.steps + 1):
         window = run.drop_stopped(window)
         if run.pack is None:
             break
@@ -256,16 +316,22 @@ def train_pack(groups: Sequence[Group]) -> list[GroupOutcome]:
             began = time.perf_counter()
             run.evaluate(step)
             window_paused += time.perf_counter() - began
+        if every and step % every == 0 and step < shared.steps:
+            began = time.perf_counter()
+            run.checkpoint(step, window, window_steps)
+            window_paused += time.perf_counter() - began
     return run.outcomes(shared.steps, time.perf_counter() - started)
 
 
 Trainer = Callable[[Sequence[Group]], list[GroupOutcome]]  # what trains groups: train_pack; a stub in the stress test
 
 
-def train(cfg: TrainConfig, listeners: Sequence[TrainListener] = ()) -> TrainResult:
-    """Train one InfoGAN on `cfg` (a pack of one); all randomness comes from `cfg.seed`. What stops it (a
-    diverging loss, a listener's exception) is raised."""
-    (outcome,) = train_pack([Group([cfg], [listeners])])
+def train(
+    cfg: TrainConfig, listeners: Sequence[TrainListener] = (), resume: dict[str, Any] | None = None
+) -> TrainResult:
+    """Train one InfoGAN on `cfg` (a pack of one), from step 0 or from a checkpoint; all randomness comes from
+    `cfg.seed`. What stops it (a diverging loss, a listener's exception, an unusable checkpoint) is raised."""
+    (outcome,) = train_pack([Group([cfg], [listeners], resume=[resume] if resume else [])])
     if outcome.error is not None:
         raise outcome.error
     return outcome.results[0]

@@ -31,13 +31,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
 
 
-# Small enough for a CPU test, large enough to exercise logging, evaluation and traversals.
+# Small enough for a CPU test, large enough to exercise logging, evaluation and traversals. No checkpoints (160 MB
+# each, weights and Adam's moments) but where a test asks for them (tests/test_checkpoints.py).
 TINY = (
     "data.download=false",
     "optim.batch_size=32",
     "steps=12",
     "eval_every=6",
     "log_every=3",
+    "checkpoint_every=0",
 )
 
 

@@ -21,7 +21,14 @@ from optuna.trial import FrozenTrial, TrialState
 from tests.worker_logs import log_tail
 
 # Two log windows and two evaluations a trial: tiny, yet every hook runs.
-TINY_TRAIN = {"data": {"download": False}, "optim": {"batch_size": 16}, "steps": 4, "eval_every": 2, "log_every": 2}
+TINY_TRAIN = {
+    "data": {"download": False},
+    "optim": {"batch_size": 16},
+    "steps": 4,
+    "eval_every": 2,
+    "log_every": 2,
+    "checkpoint_every": 0,  # 160 MB each: no sweep test resumes from one yet
+}
 LAMBDA_SEARCH = {"loss.lambda_cat": {"type": "float", "low": 0.5, "high": 2.0, "log": True}}
 WAIT_S = 480.0  # for a sweep to reach a state or end: generous, a loaded 2-core machine starts Python slowly
 # Pruning made deterministic: evaluations after the step-0 baseline at steps 2, 4, 6 (the pruner's steps 1, 2, 3), a
@@ -35,6 +42,7 @@ PRUNE_TRAIN = {
     "steps": 6,
     "eval_every": EVAL_EVERY,
     "log_every": EVAL_EVERY,
+    "checkpoint_every": 0,
 }
 LEARNS, IDLE = 2.0, 0.0  # loss.lambda_cat
 STOPS = [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "interrupted (SIGTERM)")]

@@ -523,3 +523,28 @@ def test_instance_noise_anneals_linearly_to_zero(tmp_path: Path, images: torch.T
         stds.append(pack.noise_std.tolist())
         assert pack.noise[1].eq(0).all() and pack.noise[0].std().item() == pytest.approx(1, abs=0.05)
     torch.testing.assert_close(torch.tensor(stds), torch.tensor([[0.4, 0.0], [0.3, 0.0], [0.2, 0.0], [0.1, 0.0]]))
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------------
+
+
+def test_members_go_on_from_their_checkpoints_exactly(tmp_path: Path, images: torch.Tensor) -> None:
+    """Two members (one with every recipe) on 40 images at batch 8, an epoch of 5 steps: checkpointed at step 7,
+    a new pack made from the checkpoints steps 8 more (across an epoch's new batch order) as the first one does."""
+    overrides = [("seed=3",), ("seed=4", "model.spectral_norm=dq", "loss.instance_noise=0.3", "optim.q_optimizer=own")]
+    configs = [tiny_config(tmp_path, *o, "optim.batch_size=8") for o in overrides]
+    few = images[:40]
+    pack = make_pack(configs, few)
+    for _ in range(7):
+        pack.step()
+    checkpoints = [pack.member_checkpoint(m) for m in range(2)]
+    models = [initial_model(cfg, CPU) for cfg in configs]
+    for model, checkpoint in zip(models, checkpoints, strict=True):
+        model.load_state_dict(checkpoint["model"])
+    resumed = PackTrainer(configs, models, few, CPU)
+    for m, checkpoint in enumerate(checkpoints):
+        resumed.load_member_checkpoint(m, checkpoint)
+    for _ in range(8):
+        assert torch.equal(pack.step(), resumed.step())
+    for m in range(2):
+        assert all(torch.equal(v, resumed.member_state(m)[k]) for k, v in pack.member_state(m).items())
