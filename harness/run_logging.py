@@ -24,7 +24,16 @@ from harness.config import TrainConfig, load_train_config
 from harness.errors import ConfigError
 from harness.evaluate import Evaluation
 from harness.seeding import initial_model
-from harness.tracking import ERROR_TAG, config_params, end_run, ensure_experiment, log_metrics, log_params, start_run
+from harness.tracking import (
+    ERROR_TAG,
+    RESUMED_AT_TAG,
+    config_params,
+    end_run,
+    ensure_experiment,
+    log_metrics,
+    log_params,
+    start_run,
+)
 from harness.train import RunInfo, TrainListener
 
 
@@ -127,9 +136,6 @@ def load_checkpoint(client: MlflowClient, run_id: str) -> dict[str, Any] | None:
         except Exception as err:  # an unpickling error of any kind: the file is not a checkpoint we can use
             raise CheckpointError(f"{pointer['file']} does not load: {type(err).__name__}: {err}") from None
     return checkpoint
-
-
-RESUMED_AT_TAG = "harness.resumed_at_step"
 
 
 def resume_point(client: MlflowClient, run_id: str) -> tuple[TrainConfig, dict[str, Any]]:

@@ -6,6 +6,7 @@ Bookkeeping holds them off until a store write is done."""
 from __future__ import annotations
 
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -49,7 +50,11 @@ def reason(err: KeyboardInterrupt) -> str:
 
 @contextmanager
 def deferred() -> Iterator[None]:
-    """A stop signal during bookkeeping takes effect when the block is done, not halfway through a store."""
+    """A stop signal during bookkeeping takes effect when the block is done, not halfway through a store. Off the
+    main thread, which never receives them, a plain block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     received: list[int] = []
     previous = {signum: signal.signal(signum, lambda s, frame: received.append(s)) for signum in STOP_SIGNALS}
     try:

@@ -38,6 +38,8 @@ STUDY_TAG = "optuna.study"  # on trial runs only, so readers of a study's trials
 TRIAL_TAG = "optuna.trial"
 STATE_TAG = "harness.state"  # how the trial ended: COMPLETE, PRUNED, FAIL, INTERRUPTED, LOST
 RETRY_TAG = "harness.retry_of"  # on a retry's run: the number of the lost trial it replaces
+RESUMED_FROM_TAG = "harness.resumed_from"  # on a retry's run that went on from a checkpoint: the lost run's id
+RESUMED_AT_TAG = "harness.resumed_at_step"  # ... and the step it went on from
 PACK_TAG = "harness.pack"  # on a trial's run: how many trials its worker trained with it as one model
 
 
@@ -135,6 +137,19 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> 
 def log_metrics(client: MlflowClient, run_id: str, step: int, values: Mapping[str, float]) -> None:
     timestamp = int(1000 * time.time())
     client.log_batch(run_id, metrics=[Metric(key, float(v), timestamp, step) for key, v in values.items()])
+
+
+def copy_metrics(client: MlflowClient, source_run_id: str, run_id: str, up_to_step: int) -> None:
+    """Every metric point of one run up to `up_to_step`, into another (a resumed trial's curve before its
+    checkpoint, so that its run shows the whole curve)."""
+    points = [
+        Metric(m.key, m.value, m.timestamp, m.step)
+        for key in client.get_run(source_run_id).data.metrics
+        for m in client.get_metric_history(source_run_id, key)
+        if m.step <= up_to_step
+    ]
+    for start in range(0, len(points), BATCH_LIMIT):
+        client.log_batch(run_id, metrics=points[start : start + BATCH_LIMIT])
 
 
 def config_params(cfg: TrainConfig) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from harness import signals
 from harness.checkpoint import check_checkpoint, member_checkpoint, set_global_generators
 from harness.config import TrainConfig, flatten
 from harness.data import load_dataset
@@ -301,25 +302,34 @@ def train_pack(groups: Sequence[Group]) -> list[GroupOutcome]:
     window, window_steps = run.restored_window() if run.step else (None, 0)  # (P, stats): stats summed over the window
     window_start, window_paused = time.perf_counter(), 0.0
     every = shared.eval_every if shared.checkpoint_every is None else shared.checkpoint_every
-    for step in range(run.step + 1, shared.steps + 1):
-        window = run.drop_stopped(window)
-        if run.pack is None:
-            break
-        stats = run.pack.step()
-        window, window_steps = (stats if window is None else window + stats), window_steps + 1
-        if step % shared.log_every == 0 or step == shared.steps:
-            seconds = time.perf_counter() - window_start - window_paused  # evaluations excluded
-            means = (window / window_steps).tolist()  # the one host sync of a log window
-            run.log(step, means, window_steps * run.pack.batch_size / seconds)
-            window, window_steps, window_start, window_paused = None, 0, time.perf_counter(), 0.0
-        if step % shared.eval_every == 0 or step == shared.steps:
-            began = time.perf_counter()
-            run.evaluate(step)
-            window_paused += time.perf_counter() - began
-        if every and step % every == 0 and step < shared.steps:
-            began = time.perf_counter()
-            run.checkpoint(step, window, window_steps)
-            window_paused += time.perf_counter() - began
+    done = run.step  # the last step whose update, log, evaluation and checkpoint are all through
+    try:
+        for step in range(run.step + 1, shared.steps + 1):
+            window = run.drop_stopped(window)
+            if run.pack is None:
+                break
+            with signals.deferred():  # Ctrl-C and SIGTERM land between steps: a checkpoint of a whole step
+                stats = run.pack.step()
+                window, window_steps = (stats if window is None else window + stats), window_steps + 1
+                if step % shared.log_every == 0 or step == shared.steps:
+                    seconds = time.perf_counter() - window_start - window_paused  # evaluations excluded
+                    means = (window / window_steps).tolist()  # the one host sync of a log window
+                    run.log(step, means, window_steps * run.pack.batch_size / seconds)
+                    window, window_steps, window_start, window_paused = None, 0, time.perf_counter(), 0.0
+                if step % shared.eval_every == 0 or step == shared.steps:
+                    began = time.perf_counter()
+                    run.evaluate(step)
+                    window_paused += time.perf_counter() - began
+                if every and step % every == 0 and step < shared.steps:
+                    began = time.perf_counter()
+                    run.checkpoint(step, window, window_steps)
+                    window_paused += time.perf_counter() - began
+                done = step
+    except KeyboardInterrupt:  # preemption's SIGTERM, or Ctrl-C: no step is lost
+        if every and done % every and done < shared.steps and run.pack is not None:
+            with signals.ignored():
+                run.checkpoint(done, window, window_steps)
+        raise
     return run.outcomes(shared.steps, time.perf_counter() - started)
 
 

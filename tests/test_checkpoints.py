@@ -15,13 +15,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
 
 from harness import run_logging, tracking
 from harness.cli import main
 from harness.evaluate import Evaluation
 from harness.train import TrainListener, train
 from tests.conftest import same_on_every_machine, tiny_config
-from tests.sweep_helpers import WAIT_S
+from tests.sweep_helpers import LAMBDA_SEARCH, TINY_TRAIN, WAIT_S, sweep_args, trials_of, write_study
 from tests.worker_logs import log_tail
 
 # A checkpoint at the evaluation at step 6, with a log window of 4 steps half-filled; six steps and an evaluation
@@ -85,7 +86,7 @@ def test_a_run_killed_after_a_checkpoint_goes_on_and_ends_as_if_never_stopped(tm
     result = CliRunner().invoke(main, ["train", "--tracking-uri", stopped, "--resume", run_id, "--quiet"])
     assert result.exit_code == 0, result.output
     resumed = client.get_run(run_id)
-    step = int(resumed.data.tags[run_logging.RESUMED_AT_TAG])
+    step = int(resumed.data.tags[tracking.RESUMED_AT_TAG])
     assert resumed.info.status == "FINISHED" and step == 6
     expected = histories(MlflowClient(whole), only_run_id(MlflowClient(whole)))
     assert histories(client, run_id) == expected  # the steps before the kill, and after it, as the whole run's
@@ -93,6 +94,50 @@ def test_a_run_killed_after_a_checkpoint_goes_on_and_ends_as_if_never_stopped(tm
     weights = [final_weights(MlflowClient(uri), tmp_path / name) for uri, name in ((whole, "w"), (stopped, "s"))]
     for part in ("generator", "trunk", "d_head", "q_head"):
         assert all(torch.equal(weights[0][part][k], weights[1][part][k]) for k in weights[0][part]), part
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_at_its_step_and_the_run_goes_on_from_there(tmp_path: Path) -> None:
+    """SIGTERM (preemption) once the first loss log is in, long before the first scheduled checkpoint (step 30):
+    exit 143 with a checkpoint at the step it stopped at, from which --resume ends as the whole run."""
+    more = ("--set", "steps=36", "--set", "eval_every=30", "--set", "log_every=2")
+    whole, stopped = (f"sqlite:///{tmp_path / name / 'mlflow.db'}" for name in ("whole", "stopped"))
+    result = CliRunner().invoke(main, train_args(whole, tmp_path, *more))
+    assert result.exit_code == 0, result.output
+
+    log = tmp_path / "stopped.log"
+    with log.open("wb") as out:
+        command = [sys.executable, "-m", "harness.cli", *train_args(stopped, tmp_path, *more)]
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not logged_a_loss(stopped):
+            assert process.poll() is None and time.monotonic() < deadline, log_tail(log)
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=WAIT_S) == 143, log_tail(log)
+    finally:
+        process.kill()
+        process.wait()
+    client = MlflowClient(stopped)
+    run_id = only_run_id(client)
+    checkpoint = run_logging.load_checkpoint(client, run_id)
+    assert checkpoint is not None and 2 <= checkpoint["step"] < 30  # saved at the stop, not on schedule
+    assert client.get_run(run_id).info.status == "KILLED"
+
+    result = CliRunner().invoke(main, ["train", "--tracking-uri", stopped, "--resume", run_id, "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert client.get_run(run_id).data.tags[tracking.RESUMED_AT_TAG] == str(checkpoint["step"])
+    assert histories(client, run_id) == histories(MlflowClient(whole), only_run_id(MlflowClient(whole)))
+
+
+def logged_a_loss(tracking_uri: str) -> bool:
+    """True once its one run has a loss/d point. The store is read only once the run wrote its config.yaml
+    (so that no two processes create its tables at once)."""
+    if not list(Path(tracking_uri.removeprefix("sqlite:///")).parent.rglob("config.yaml")):
+        return False
+    client = MlflowClient(tracking_uri)
+    return bool(client.get_metric_history(only_run_id(client), "loss/d"))
 
 
 class Checkpoints(TrainListener):
@@ -173,3 +218,52 @@ def test_a_checkpoint_that_cannot_be_used_is_one_line(tracking_uri: str, tmp_pat
     result = CliRunner().invoke(main, [*resume, "--set", "seed=1"])
     assert result.exit_code == 2 and "takes neither a config file nor --set" in result.output
     assert client.get_run(run_id).info.status == "FINISHED"  # nothing recorded was changed
+
+
+@pytest.mark.slow
+def test_a_sweep_trial_killed_after_a_checkpoint_is_retried_from_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-trial sweep SIGKILLed once its trial saved a checkpoint, then the same command again: the retry goes
+    on from that checkpoint (tags), its run shows the whole curve, and it ends with the value and every metric
+    of the same trial swept without a stop, bit for bit; the checkpoints go once it completes."""
+    monkeypatch.chdir(tmp_path)  # the bundled data's fallback, and nothing written into the repository
+    train = {**TINY_TRAIN, "steps": 8, "checkpoint_every": None}  # checkpoints at the evaluations at 2, 4 and 6
+    study_file = write_study(tmp_path, "resume", 1, LAMBDA_SEARCH, train=train)
+    stores = {name: (tmp_path / name).resolve() for name in ("whole", "stopped")}
+    args = {
+        name: sweep_args(study_file, f"sqlite:///{folder / 'optuna.db'}", f"sqlite:///{folder / 'mlflow.db'}")
+        for name, folder in stores.items()
+    }
+    for folder in stores.values():
+        folder.mkdir()
+    assert CliRunner().invoke(main, args["whole"]).exit_code == 0
+
+    log = tmp_path / "stopped.log"
+    with log.open("wb") as out:
+        command = [sys.executable, "-m", "harness.cli", *args["stopped"]]
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not list(stores["stopped"].rglob("checkpoints/latest.json")):
+            assert process.poll() is None, f"it ended before its first checkpoint:\n{log_tail(log)}"
+            assert time.monotonic() < deadline, log_tail(log)
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    result = CliRunner().invoke(main, args["stopped"])
+    assert result.exit_code == 0, result.output
+
+    (expected,) = trials_of(f"sqlite:///{stores['whole'] / 'optuna.db'}", "resume")
+    lost, retry = trials_of(f"sqlite:///{stores['stopped'] / 'optuna.db'}", "resume")
+    assert lost.state == TrialState.FAIL and retry.user_attrs["retry_of"] == lost.number
+    assert retry.state == TrialState.COMPLETE and retry.values == expected.values
+    client = MlflowClient(f"sqlite:///{stores['stopped'] / 'mlflow.db'}")
+    whole = MlflowClient(f"sqlite:///{stores['whole'] / 'mlflow.db'}")
+    retry_run = client.get_run(retry.user_attrs["mlflow_run_id"])
+    assert retry_run.data.tags[tracking.RESUMED_FROM_TAG] == lost.user_attrs["mlflow_run_id"]
+    assert int(retry_run.data.tags[tracking.RESUMED_AT_TAG]) in (2, 4, 6)
+    assert histories(client, retry_run.info.run_id) == histories(whole, expected.user_attrs["mlflow_run_id"])
+    for run_id in (lost.user_attrs["mlflow_run_id"], retry_run.info.run_id):
+        assert client.list_artifacts(run_id, "checkpoints") == []

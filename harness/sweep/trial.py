@@ -9,18 +9,21 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import optuna
 import torch
 from mlflow.tracking import MlflowClient
 from optuna.exceptions import StorageInternalError
 from optuna.storages import RDBStorage
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
 from harness import run_logging, signals, tracking
+from harness.checkpoint import CheckpointError, check_checkpoint
 from harness.config import TrainConfig, build_train_config, set_train_key
 from harness.evaluate import Evaluation
+from harness.seeding import initial_model
 from harness.sweep.bookkeeping import (
     ERROR_ATTR,
     RETRY_ATTR,
@@ -183,14 +186,22 @@ def run_trials(sweep: Sweep, trials: Sequence[optuna.Trial], watchers: Watchers,
 
 @dataclass
 class PackedTrial:
-    """A claimed trial on its way through a pack: its seeds' configs, its runs, the reporter that judges it,
-    and whether its end is recorded."""
+    """A claimed trial on its way through a pack: its seeds' configs, the checkpoints it goes on from (a retry's:
+    the lost trial's, one per seed) and the lost trial's run, its runs, the reporter that judges it, and whether
+    its end is recorded."""
 
     trial: optuna.Trial
     configs: list[TrainConfig] = field(default_factory=list)
+    resume: list[dict[str, Any]] = field(default_factory=list)
+    lost: FrozenTrial | None = None
     runs: TrialRuns = field(default_factory=TrialRuns)
     reporter: ObjectiveReporter | None = None
     ended: bool = False
+
+    @property
+    def start(self) -> int:
+        """The step it goes on from: 0, or its checkpoints'."""
+        return int(self.resume[0]["step"]) if self.resume else 0
 
 
 def packs_of(sweep: Sweep, pending: Sequence[PackedTrial]) -> list[list[PackedTrial]]:
@@ -205,8 +216,35 @@ def packs_of(sweep: Sweep, pending: Sequence[PackedTrial]) -> list[list[PackedTr
         except Exception as err:
             finish(sweep, packed, TrialEnd.FAIL, error=f"{type(err).__name__}: {err}")
             continue
-        packs.setdefault(pack_key(packed.configs[0]), []).append(packed)
+        if RETRY_ATTR in packed.trial.user_attrs:
+            find_checkpoints(sweep, packed)
+        packs.setdefault(f"{pack_key(packed.configs[0])} from {packed.start}", []).append(packed)
     return list(packs.values())
+
+
+def find_checkpoints(sweep: Sweep, packed: PackedTrial) -> None:
+    """A retry goes on from the lost trial's latest checkpoints (each seed's), where it saved usable ones of one
+    step; one that cannot be used is one line, and the retry trains from step 0."""
+    number = packed.trial.user_attrs[RETRY_ATTR]
+    lost = next((t for t in sweep.study.get_trials(deepcopy=False) if t.number == number), None)
+    run_id = lost.user_attrs.get(RUN_ATTR) if lost is not None else None
+    if lost is None or run_id is None:
+        return
+    run_ids = [run_id] if sweep.spec.repeats == 1 else tracking.seed_run_ids(sweep.client, run_id)
+    try:
+        checkpoints = [run_logging.load_checkpoint(sweep.client, seed_run) for seed_run in run_ids]
+        if len(checkpoints) != len(packed.configs) or any(c is None for c in checkpoints):
+            return  # it saved none (or not for every seed): from step 0
+        found = [c for c in checkpoints if c is not None]
+        fresh = [initial_model(cfg, torch.device("cpu")).state_dict() for cfg in packed.configs]
+        steps = {check_checkpoint(c, cfg, state) for c, cfg, state in zip(found, packed.configs, fresh, strict=True)}
+        if len(steps) > 1:
+            raise CheckpointError(f"its seeds' checkpoints are of steps {sorted(steps)}")
+    except CheckpointError as err:
+        trial = packed.trial.number
+        print(f"trial {trial}: the checkpoint of trial {number} cannot be used ({err}): from step 0", flush=True)
+        return
+    packed.resume, packed.lost = found, lost
 
 
 def run_pack(sweep: Sweep, pack: list[PackedTrial], watchers: Watchers, trainer: Trainer) -> None:
@@ -243,17 +281,31 @@ def trial_group(sweep: Sweep, packed: PackedTrial, pack_size: int, watchers: Seq
     metrics = [objective.metric for objective in spec.objective_list]
     retry_of = trial.user_attrs.get(RETRY_ATTR)
     tags = {tracking.PACK_TAG: str(pack_size), **({tracking.RETRY_TAG: str(retry_of)} if retry_of is not None else {})}
+    lost_run = packed.lost.user_attrs[RUN_ATTR] if packed.lost is not None else None
+    if lost_run is not None:
+        tags |= {tracking.RESUMED_FROM_TAG: lost_run, tracking.RESUMED_AT_TAG: str(packed.start)}
     runs.trial = tracking.start_trial_run(client, spec.name, sweep.parent_run_id, trial.number, tags)
     trial.set_user_attr(RUN_ATTR, runs.trial)
     packed.reporter = ObjectiveReporter(trial, metrics, spec.aggregate, report=not spec.multi_objective)
+    if packed.lost is not None and not spec.multi_objective:  # the pruner sees the lost trial's reports again
+        for evaluation, value in sorted(packed.lost.intermediate_values.items()):
+            if evaluation * packed.configs[0].eval_every <= packed.start:
+                trial.report(value, evaluation)
+                packed.reporter.evaluations = evaluation
     judged = [packed.reporter, *watchers, EndsWhenStopped(sweep, packed)]
     if spec.repeats == 1:  # the trial's run is its only seed's
-        return Group(packed.configs, [[run_logging.RunLogger(client, runs.trial)]], judged)
+        if lost_run is not None:
+            tracking.copy_metrics(client, lost_run, runs.trial, packed.start)
+        return Group(packed.configs, [[run_logging.RunLogger(client, runs.trial)]], judged, packed.resume)
     for cfg in packed.configs:
         runs.seeds.append(tracking.start_seed_run(client, spec.name, runs.trial, trial.number, cfg.seed))
+    if lost_run is not None:
+        for lost_seed_run, seed_run in zip(tracking.seed_run_ids(client, lost_run), runs.seeds, strict=True):
+            tracking.copy_metrics(client, lost_seed_run, seed_run, packed.start)
+        tracking.copy_metrics(client, lost_run, runs.trial, packed.start)
     loggers = [[run_logging.RunLogger(client, run_id)] for run_id in runs.seeds]
     aggregated = SeedAggregate(client, runs.trial, spec.aggregate, metrics)
-    return Group(packed.configs, loggers, [aggregated, *judged])
+    return Group(packed.configs, loggers, [aggregated, *judged], packed.resume)
 
 
 class EndsWhenStopped(GroupListener):
@@ -291,10 +343,17 @@ def finish_outcome(sweep: Sweep, packed: PackedTrial, error: Exception | None) -
 def finish(
     sweep: Sweep, packed: PackedTrial, end: TrialEnd, values: list[float] | None = None, error: str | None = None
 ) -> None:
-    """Record the trial's end in both stores, once."""
+    """Record the trial's end in both stores, once; then drop the checkpoints nothing will go on from (160 MB
+    each): its own, and those of the lost trial it went on from. An interrupted trial keeps them for its retry."""
     with signals.deferred():
         end_trial(sweep, packed.trial, packed.runs, end, values, error)
         packed.ended = True
+    lost_run = packed.lost.user_attrs[RUN_ATTR] if packed.lost is not None else None
+    runs = [*packed.runs.seeds, *([packed.runs.trial] if packed.runs.trial else [])]
+    if lost_run is not None:
+        runs += [*tracking.seed_run_ids(sweep.client, lost_run), lost_run]
+    for run_id in runs:
+        run_logging.delete_artifacts(sweep.client, run_id, run_logging.CHECKPOINTS)
 
 
 def interrupt_trial(sweep: Sweep, trial: optuna.Trial, runs: TrialRuns, reason: str) -> None:
