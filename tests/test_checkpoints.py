@@ -50,6 +50,23 @@ def final_weights(client: MlflowClient, folder: Path) -> dict[str, dict[str, tor
     return torch.load(path, weights_only=True)
 
 
+def kill_after_a_checkpoint(args: list[str], store: Path, cwd: Path) -> None:
+    """`harness ARGS` as a process of its own, SIGKILLed as soon as a checkpoint is in `store`'s artifacts."""
+    log = cwd / "killed.log"
+    with log.open("wb") as out:
+        command = [sys.executable, "-m", "harness.cli", *args]
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not list(store.rglob("checkpoints/latest.json")):
+            assert process.poll() is None, f"it ended before its first checkpoint:\n{log_tail(log)}"
+            assert time.monotonic() < deadline, log_tail(log)
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+
 def only_run_id(client: MlflowClient) -> str:
     experiment = client.get_experiment_by_name("ckpt")
     assert experiment is not None
@@ -65,20 +82,7 @@ def test_a_run_killed_after_a_checkpoint_goes_on_and_ends_as_if_never_stopped(tm
     result = CliRunner().invoke(main, train_args(whole, tmp_path))
     assert result.exit_code == 0, result.output
 
-    log = tmp_path / "stopped.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "harness.cli", *train_args(stopped, tmp_path)], stdout=out, stderr=subprocess.STDOUT
-        )
-    try:
-        deadline = time.monotonic() + WAIT_S
-        while not list((tmp_path / "stopped").rglob("checkpoints/latest.json")):
-            assert process.poll() is None, f"it ended before its first checkpoint:\n{log_tail(log)}"
-            assert time.monotonic() < deadline, log_tail(log)
-            time.sleep(0.05)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+    kill_after_a_checkpoint(train_args(stopped, tmp_path), tmp_path / "stopped", tmp_path)
     client = MlflowClient(stopped)
     run_id = only_run_id(client)
     assert client.get_run(run_id).info.status == "RUNNING", "the kill landed after the run ended"
@@ -239,19 +243,7 @@ def test_a_sweep_trial_killed_after_a_checkpoint_is_retried_from_it(
         folder.mkdir()
     assert CliRunner().invoke(main, args["whole"]).exit_code == 0
 
-    log = tmp_path / "stopped.log"
-    with log.open("wb") as out:
-        command = [sys.executable, "-m", "harness.cli", *args["stopped"]]
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + WAIT_S
-        while not list(stores["stopped"].rglob("checkpoints/latest.json")):
-            assert process.poll() is None, f"it ended before its first checkpoint:\n{log_tail(log)}"
-            assert time.monotonic() < deadline, log_tail(log)
-            time.sleep(0.05)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+    kill_after_a_checkpoint(args["stopped"], stores["stopped"], tmp_path)
     result = CliRunner().invoke(main, args["stopped"])
     assert result.exit_code == 0, result.output
 
