@@ -7,7 +7,6 @@ import io
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from harness.cli import main
 from harness.evaluate import Evaluation
 from harness.train import TrainListener, train
 from tests.conftest import same_on_every_machine, tiny_config
-from tests.sweep_helpers import LAMBDA_SEARCH, TINY_TRAIN, WAIT_S, sweep_args, trials_of, write_study
+from tests.sweep_helpers import LAMBDA_SEARCH, TINY_TRAIN, WAIT_S, sweep_args, trials_of, wait_for, write_study
 from tests.worker_logs import log_tail
 
 # A checkpoint at the evaluation at step 6, with a log window of 4 steps half-filled; six steps and an evaluation
@@ -50,18 +49,20 @@ def final_weights(client: MlflowClient, folder: Path) -> dict[str, dict[str, tor
     return torch.load(path, weights_only=True)
 
 
-def kill_after_a_checkpoint(args: list[str], store: Path, cwd: Path) -> None:
-    """`harness ARGS` as a process of its own, SIGKILLed as soon as a checkpoint is in `store`'s artifacts."""
-    log = cwd / "killed.log"
+def start_harness(args: list[str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`harness ARGS` as a process of its own, its output in `log`."""
     with log.open("wb") as out:
-        command = [sys.executable, "-m", "harness.cli", *args]
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+        return subprocess.Popen(
+            [sys.executable, "-m", "harness.cli", *args], stdout=out, stderr=subprocess.STDOUT, cwd=cwd
+        )
+
+
+def kill_after_a_checkpoint(args: list[str], store: Path, cwd: Path) -> None:
+    """`harness ARGS`, SIGKILLed as soon as a checkpoint is in `store`'s artifacts."""
+    log = cwd / "killed.log"
+    process = start_harness(args, cwd, log)
     try:
-        deadline = time.monotonic() + WAIT_S
-        while not list(store.rglob("checkpoints/latest.json")):
-            assert process.poll() is None, f"it ended before its first checkpoint:\n{log_tail(log)}"
-            assert time.monotonic() < deadline, log_tail(log)
-            time.sleep(0.05)
+        wait_for(lambda: bool(list(store.rglob("checkpoints/latest.json"))), process, log)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
@@ -110,14 +111,9 @@ def test_sigterm_saves_a_checkpoint_at_its_step_and_the_run_goes_on_from_there(t
     assert result.exit_code == 0, result.output
 
     log = tmp_path / "stopped.log"
-    with log.open("wb") as out:
-        command = [sys.executable, "-m", "harness.cli", *train_args(stopped, tmp_path, *more)]
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    process = start_harness(train_args(stopped, tmp_path, *more), tmp_path, log)
     try:
-        deadline = time.monotonic() + WAIT_S
-        while not logged_a_loss(stopped):
-            assert process.poll() is None and time.monotonic() < deadline, log_tail(log)
-            time.sleep(0.05)
+        wait_for(lambda: logged_a_loss(stopped), process, log)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=WAIT_S) == 143, log_tail(log)
     finally:

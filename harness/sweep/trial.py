@@ -348,8 +348,9 @@ def finish(
     with signals.deferred():
         end_trial(sweep, packed.trial, packed.runs, end, values, error)
         packed.ended = True
+    saved = bool(packed.configs) and packed.configs[0].checkpoint_every != 0
     lost_run = packed.lost.user_attrs[RUN_ATTR] if packed.lost is not None else None
-    runs = [*packed.runs.seeds, *([packed.runs.trial] if packed.runs.trial else [])]
+    runs = [*packed.runs.seeds, *([packed.runs.trial] if packed.runs.trial else [])] if saved else []
     if lost_run is not None:
         runs += [*tracking.seed_run_ids(sweep.client, lost_run), lost_run]
     for run_id in runs:
